@@ -1,0 +1,5 @@
+import sys
+
+from effkern.cli import main
+
+sys.exit(main())

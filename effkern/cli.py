@@ -1,0 +1,50 @@
+"""``effkern`` console script: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(argv: list[str]) -> int:
+    from effkern import bench
+    from effkern.bench.common import environment, format_table, write_results
+
+    names = bench.available()
+    parser = argparse.ArgumentParser(prog="effkern bench", description="Microbenchmarks against peers.")
+    parser.add_argument("name", help=f"one of: {', '.join(names)}")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (median reported)")
+    parser.add_argument("--out", default=None, help="write <out>.json and <out>.md with the table")
+    if argv and argv[0] in names:
+        bench.load(argv[0]).add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        module = bench.load(args.name)
+    except ValueError as exc:
+        parser.error(str(exc))
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    rows = module.run(args)
+    title = f"effkern bench {args.name} on {environment(device)['device_name']} ({device})"
+    print(format_table(rows, title))
+    if args.out:
+        write_results(args.out, rows, environment(device), "effkern bench " + " ".join(argv), title)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"bench": _bench}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: effkern {bench} ...\n\n  bench NAME   microbenchmarks against peers "
+              "(effkern bench --help)", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

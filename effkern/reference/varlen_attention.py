@@ -1,0 +1,84 @@
+"""Ragged attention in plain PyTorch: the ``reference`` backend (and the CPU path).
+
+Same contract as effkern/kernels/varlen_attention.py: q, k, v (total, H, D), cu_seqlens
+int32 (B+1,), non-causal softmax attention inside each sequence; lse (H, total) is the
+natural-log logsumexp of the scaled scores (float64 for float64 inputs, else float32).
+
+Sequences of equal length are gathered into one (n, H, L, D) batch and run as batched
+matmuls, so nothing of size total x total is ever built; the work is exactly the
+real tokens' (no padding).  fp16/bf16 are computed in float32.  Reads cu_seqlens on
+the host (a sync on CUDA: this path is for CPU, tests and debugging).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _compute_dtype(dtype)
+
+
+_CHUNK_ELEMENTS = 1 << 25  # bound on n * heads * L * L score elements per batched matmul
+
+
+def _groups(cu_seqlens: torch.Tensor, device: torch.device, heads: int):
+    """Yield (length, index (n, length) long tensor) per distinct non-zero length,
+    split into chunks whose score tensor stays below _CHUNK_ELEMENTS."""
+    cu = cu_seqlens.to("cpu", torch.int64)
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    for length in torch.unique(lengths).tolist():
+        if length == 0:
+            continue
+        s = starts[lengths == length]
+        step = max(1, _CHUNK_ELEMENTS // (heads * length * length))
+        for chunk in s.split(step):
+            yield length, (chunk[:, None] + torch.arange(length)[None, :]).to(device)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(total, H, D)[idx (n, L)] -> (n, H, L, D) in ``dtype``."""
+    return x[idx].to(dtype).permute(0, 2, 1, 3)
+
+
+def _scatter(dst: torch.Tensor, idx: torch.Tensor, value: torch.Tensor) -> None:
+    """dst[idx] = value (n, H, L, D); ``dst`` may be a strided view."""
+    dst[idx] = value.permute(0, 2, 1, 3).to(dst.dtype)
+
+
+def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, out=None, lse=None):
+    """Returns (out (total, H, D), lse (H, total)); fills ``out``/``lse`` when given."""
+    total, heads, head_dim = q.shape
+    ct = _compute_dtype(q.dtype)
+    out = torch.empty((total, heads, head_dim), device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty((heads, total), device=q.device, dtype=ct) if lse is None else lse
+    for _, idx in _groups(cu_seqlens, q.device, q.shape[1]):
+        qg, kg, vg = (_gather(t, idx, ct) for t in (q, k, v))
+        s = torch.matmul(qg, kg.transpose(-1, -2)) * scale          # (n, H, L, L)
+        m = torch.logsumexp(s, dim=-1, keepdim=True)                 # (n, H, L, 1)
+        _scatter(out, idx, torch.matmul(torch.exp(s - m), vg))
+        lse[:, idx] = m[..., 0].permute(1, 0, 2).to(lse.dtype)       # (H, n, L)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float,
+             dq=None, dk=None, dv=None):
+    """Returns (dq, dk, dv); fills the given buffers (which may be views of one dqkv)."""
+    ct = _compute_dtype(q.dtype)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dq is None else dq
+    dk = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dk is None else dk
+    dv = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dv is None else dv
+    for _, idx in _groups(cu_seqlens, q.device, q.shape[1]):
+        qg, kg, vg, og, dog = (_gather(t, idx, ct) for t in (q, k, v, out, dout))
+        m = lse[:, idx].permute(1, 0, 2).to(ct)[..., None]           # (n, H, L, 1)
+        p = torch.exp(torch.matmul(qg, kg.transpose(-1, -2)) * scale - m)
+        delta = (og * dog).sum(-1, keepdim=True)                     # (n, H, L, 1)
+        ds = p * (torch.matmul(dog, vg.transpose(-1, -2)) - delta)
+        _scatter(dv, idx, torch.matmul(p.transpose(-1, -2), dog))
+        _scatter(dq, idx, torch.matmul(ds, kg) * scale)
+        _scatter(dk, idx, torch.matmul(ds.transpose(-1, -2), qg) * scale)
+    return dq, dk, dv
