@@ -73,8 +73,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cpu_sources = _sources("*.cpp", "cpu/**/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DEFFKERN_WITH_CPU=1"]
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    cxx_flags = ["-O3", "-fopenmp", "-DEFFKERN_WITH_CPU=1"]
+    nvcc_flags = ["-O3", "-lineinfo"]
     define_macros = [("EFFKERN_VERSION", f'"{_version()}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     link_args = ["-fopenmp"]

@@ -29,18 +29,24 @@ except Exception as exc:  # ImportError, OSError (undefined symbol), ...
     )
 
 
+# Read once: the ops consult these on every call (also while torch.compile traces).
+_INFO = dict(_C.build_info()) if _C is not None else {}
+_HAS_CPU = bool(_INFO.get("cpu_kernels", False))
+_HAS_CUDA = bool(_INFO.get("cuda_kernels", False))
+
+
 def has_cpu_kernels() -> bool:
-    return _C is not None and bool(_C.build_info()["cpu_kernels"])
+    return _HAS_CPU
 
 
 def has_cuda_kernels() -> bool:
-    return _C is not None and bool(_C.build_info()["cuda_kernels"])
+    return _HAS_CUDA
 
 
 def native_build_info() -> dict:
     if _C is None:
         return {"cpu_kernels": False, "cuda_kernels": False, "cuda_arch_list": "", "compiler": "",
                 "load_error": LOAD_ERROR}
-    info = dict(_C.build_info())
+    info = dict(_INFO)
     info["load_error"] = None
     return info

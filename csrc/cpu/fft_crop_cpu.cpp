@@ -17,6 +17,8 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/outer.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -58,6 +60,9 @@ void run(const at::Tensor& in, at::Tensor& out, const AxisOp& rows, const AxisOp
   at::Tensor out3 = out.view({slices, Ho, Wo});
   const bool convert_in = in.scalar_type() != acc, convert_out = out.scalar_type() != acc;
   at::parallel_for(0, slices, kSlicesPerStep, [&](int64_t begin, int64_t end) {
+    // Grad mode is thread-local and the workers do not inherit the caller's guard.
+    const at::NoGradGuard no_grad;
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto opts = in.options().dtype(acc);
     at::Tensor tmp = at::empty({kSlicesPerStep * Hi, Wo}, opts);
     at::Tensor xbuf = convert_in ? at::empty({kSlicesPerStep, Hi, Wi}, opts) : at::Tensor();
@@ -101,6 +106,7 @@ at::Tensor apply(const at::Tensor& x_in, int64_t Ho, int64_t Wo, bool adjoint, a
 at::Tensor fft_crop_cpu(const at::Tensor& x, at::IntArrayRef size, const std::optional<at::Tensor>& mean,
                         const std::optional<at::Tensor>& std) {
   check_fft_crop(x, size, mean, std);
+  const at::NoGradGuard no_grad;  // the kernel's own ATen calls are not part of the autograd graph
   const at::ScalarType acc = compute_dtype(output_dtype(x.scalar_type()));
   auto [scale, shift] = channel_affine(x, mean, std, acc);
   return apply(x, size[0], size[1], false, output_dtype(x.scalar_type()), scale, shift);
@@ -109,6 +115,7 @@ at::Tensor fft_crop_cpu(const at::Tensor& x, at::IntArrayRef size, const std::op
 at::Tensor fft_crop_backward_cpu(const at::Tensor& grad, at::IntArrayRef input_size,
                                  const std::optional<at::Tensor>& std) {
   check_fft_crop_backward(grad, input_size, std);
+  const at::NoGradGuard no_grad;
   const at::ScalarType acc = compute_dtype(grad.scalar_type());
   at::Tensor scale = std.has_value() ? std->to(acc).reciprocal().contiguous() : at::Tensor();
   return apply(grad, input_size[0], input_size[1], true, grad.scalar_type(), scale, at::Tensor());

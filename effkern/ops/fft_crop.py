@@ -66,17 +66,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     std, output = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad) + [False] * (4 - len(ctx.needs_input_grad))  # mean/std may be omitted
     grad_x = grad_mean = grad_std = None
-    if ctx.x_float and ctx.needs_input_grad[0]:
+    if ctx.x_float and needs[0]:
         grad_x = torch.ops.effkern.fft_crop_backward(grad, ctx.input_size, std)
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+    if needs[2] or needs[3]:
         # y = (crop(x)*base - mean)/std  =>  dy/dmean = -1/std,  dy/dstd = -y/std
         g = grad.to(std.dtype)
-        if ctx.needs_input_grad[2]:
+        if needs[2]:
             grad_mean = -(g.sum(dim=(0, 2, 3)) / std)
-        if ctx.needs_input_grad[3]:
+        if needs[3]:
             grad_std = -((g * output.to(std.dtype)).sum(dim=(0, 2, 3)) / std)
-    return grad_x, None, grad_mean, grad_std
+    return (grad_x, None, grad_mean, grad_std)[: len(ctx.needs_input_grad)]
 
 
 def _backward_setup_context(ctx, inputs, output):
@@ -90,7 +91,7 @@ def _backward_backward(ctx, grad_grad):
     gg = torch.ops.effkern.fft_crop(grad_grad, ctx.size)
     if std is not None:
         gg = gg / std.to(gg.dtype).reshape(-1, 1, 1)
-    return gg, None, None
+    return (gg, None, None)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("effkern::fft_crop", _backward, setup_context=_setup_context)

@@ -4,9 +4,12 @@ Same contract as effkern/kernels/varlen_attention.py: q, k, v (total, H, D), cu_
 int32 (B+1,), non-causal softmax attention inside each sequence; lse (H, total) is the
 natural-log logsumexp of the scaled scores (float64 for float64 inputs, else float32).
 
-Sequences of equal length are gathered into one (n, H, L, D) batch and run as batched
-matmuls, so nothing of size total x total is ever built; the work is exactly the
-real tokens' (no padding).  fp16/bf16 are computed in float32.  Reads cu_seqlens on
+Sequences of equal length are gathered into one (n, H, L, D) batch, so nothing of
+size total x total is ever built and the work is exactly the real tokens' (no
+padding).  On CPU each batch runs ATen's fused CPU attention
+(aten._scaled_dot_product_flash_attention_for_cpu[_backward]: exact fp32/fp64
+arithmetic, returns the logsumexp); elsewhere, or if that private op is missing,
+plain batched matmuls + softmax.  fp16/bf16 are computed in float32.  Reads cu_seqlens on
 the host (a sync on CUDA: this path is for CPU, tests and debugging).
 """
 
@@ -50,18 +53,45 @@ def _scatter(dst: torch.Tensor, idx: torch.Tensor, value: torch.Tensor) -> None:
     dst[idx] = value.permute(0, 2, 1, 3).to(dst.dtype)
 
 
+def _flash_cpu(x: torch.Tensor):
+    """ATen's fused CPU attention (exact fp32/fp64 math, O(L) memory), when present."""
+    if x.device.type != "cpu":
+        return None
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _group_forward(qg, kg, vg, scale):
+    """(n, H, L, D) -> out (n, H, L, D), lse (n, H, L)."""
+    flash = _flash_cpu(qg)
+    if flash is not None:  # it requires dense (n, H, L, D) operands
+        return flash(qg.contiguous(), kg.contiguous(), vg.contiguous(), scale=scale)
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale              # (n, H, L, L)
+    m = torch.logsumexp(s, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(s - m), vg), m[..., 0]
+
+
+def _group_backward(dog, qg, kg, vg, og, lg, scale):
+    if _flash_cpu(qg) is not None:
+        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dog, qg, kg, vg, og = (t.contiguous() for t in (dog, qg, kg, vg, og))
+        return bwd(dog, qg, kg, vg, og, lg, 0.0, False, scale=scale)
+    p = torch.exp(torch.matmul(qg, kg.transpose(-1, -2)) * scale - lg[..., None])
+    delta = (og * dog).sum(-1, keepdim=True)                        # (n, H, L, 1)
+    ds = p * (torch.matmul(dog, vg.transpose(-1, -2)) - delta)
+    return torch.matmul(ds, kg) * scale, torch.matmul(ds.transpose(-1, -2), qg) * scale, \
+        torch.matmul(p.transpose(-1, -2), dog)
+
+
 def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, out=None, lse=None):
     """Returns (out (total, H, D), lse (H, total)); fills ``out``/``lse`` when given."""
     total, heads, head_dim = q.shape
     ct = _compute_dtype(q.dtype)
     out = torch.empty((total, heads, head_dim), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((heads, total), device=q.device, dtype=ct) if lse is None else lse
-    for _, idx in _groups(cu_seqlens, q.device, q.shape[1]):
-        qg, kg, vg = (_gather(t, idx, ct) for t in (q, k, v))
-        s = torch.matmul(qg, kg.transpose(-1, -2)) * scale          # (n, H, L, L)
-        m = torch.logsumexp(s, dim=-1, keepdim=True)                 # (n, H, L, 1)
-        _scatter(out, idx, torch.matmul(torch.exp(s - m), vg))
-        lse[:, idx] = m[..., 0].permute(1, 0, 2).to(lse.dtype)       # (H, n, L)
+    for _, idx in _groups(cu_seqlens, q.device, heads):
+        og, lg = _group_forward(*(_gather(t, idx, ct) for t in (q, k, v)), scale)
+        _scatter(out, idx, og)
+        lse[:, idx] = lg.permute(1, 0, 2).to(lse.dtype)             # (H, n, L)
     return out, lse
 
 
@@ -74,11 +104,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float,
     dv = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dv is None else dv
     for _, idx in _groups(cu_seqlens, q.device, q.shape[1]):
         qg, kg, vg, og, dog = (_gather(t, idx, ct) for t in (q, k, v, out, dout))
-        m = lse[:, idx].permute(1, 0, 2).to(ct)[..., None]           # (n, H, L, 1)
-        p = torch.exp(torch.matmul(qg, kg.transpose(-1, -2)) * scale - m)
-        delta = (og * dog).sum(-1, keepdim=True)                     # (n, H, L, 1)
-        ds = p * (torch.matmul(dog, vg.transpose(-1, -2)) - delta)
-        _scatter(dv, idx, torch.matmul(p.transpose(-1, -2), dog))
-        _scatter(dq, idx, torch.matmul(ds, kg) * scale)
-        _scatter(dk, idx, torch.matmul(ds.transpose(-1, -2), qg) * scale)
+        lg = lse[:, idx].permute(1, 0, 2).to(ct).contiguous()          # (n, H, L)
+        for dst, g in zip((dq, dk, dv), _group_backward(dog, qg, kg, vg, og, lg, scale)):
+            _scatter(dst, idx, g)
     return dq, dk, dv

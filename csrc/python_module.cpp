@@ -1,8 +1,7 @@
-// effkern.cpp -- the effkern operator library: schemas (declared once, here) and
-// the Python module effkern._C (build information only; the ops are reached
-// through torch.ops.effkern.* and the wrappers in effkern/ops/).
+// python_module.cpp -- the Python module effkern._C.  It carries build
+// information only: the ops register with the dispatcher when the library loads
+// (effkern_ops.cpp) and are reached through torch.ops.effkern.* and effkern.ops.
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #ifndef EFFKERN_VERSION
 #define EFFKERN_VERSION "unknown"
@@ -10,11 +9,6 @@
 #ifndef EFFKERN_CUDA_ARCH_LIST
 #define EFFKERN_CUDA_ARCH_LIST ""
 #endif
-
-TORCH_LIBRARY(effkern, m) {
-  m.def("fft_crop(Tensor x, int[2] size, Tensor? mean=None, Tensor? std=None) -> Tensor");
-  m.def("fft_crop_backward(Tensor grad, int[2] input_size, Tensor? std=None) -> Tensor");
-}
 
 namespace {
 

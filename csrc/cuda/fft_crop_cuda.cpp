@@ -1,0 +1,100 @@
+// fft_crop_cuda.cpp -- CUDA dispatch of effkern::fft_crop / fft_crop_backward:
+// argument checks, cached crop matrices on the device, the two kernel launches
+// (fft_crop_kernel.cu).  float64 runs the same math through ATen matmuls.
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/outer.h>
+#include <ATen/ops/reciprocal.h>
+#include <ATen/ops/sub.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/library.h>
+
+#include "cuda/fft_crop_kernel.h"
+#include "fft_crop_args.h"
+#include "fft_crop_plan.h"
+
+namespace effkern {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kByte: return DType::kUInt8;
+    default: TORCH_CHECK(false, "fft_crop (CUDA): unsupported dtype ", t);
+  }
+}
+
+// float64: same math with ATen (the CUDA kernels accumulate in fp32).
+at::Tensor apply_double(const at::Tensor& x, const AxisOp& rows, const AxisOp& cols, const at::Tensor& scale,
+                        const at::Tensor& shift) {
+  at::Tensor y = at::matmul(rows.L, at::matmul(x, cols.L.t()));
+  if (rows.has_imag() && cols.has_imag()) {
+    at::Tensor s = at::matmul(at::matmul(x, cols.lv), rows.lv);  // (N, C)
+    y = at::sub(y, at::mul(s.unsqueeze(-1).unsqueeze(-1), at::outer(rows.lu, cols.lu)));
+  }
+  if (scale.defined()) y = at::mul(y, scale.view({-1, 1, 1}));
+  if (shift.defined()) y = at::add(y, shift.view({-1, 1, 1}));
+  return y;
+}
+
+at::Tensor apply(const at::Tensor& x_in, int64_t Ho, int64_t Wo, bool adjoint, at::ScalarType out_dtype,
+                 const at::Tensor& scale, const at::Tensor& shift) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = x_in.contiguous();
+  const int64_t H = x.size(2), W = x.size(3);
+  const at::ScalarType acc = compute_dtype(x.scalar_type() == at::kByte ? at::kFloat : x.scalar_type());
+  const AxisOp& rows = adjoint ? crop_axis(Ho, H, true, acc, x.device()) : crop_axis(H, Ho, false, acc, x.device());
+  const AxisOp& cols = adjoint ? crop_axis(Wo, W, true, acc, x.device()) : crop_axis(W, Wo, false, acc, x.device());
+  if (acc == at::kDouble) return apply_double(x, rows, cols, scale, shift).contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1), Ho, Wo}, x.options().dtype(out_dtype));
+  const int64_t slices = x.size(0) * x.size(1);
+  if (slices == 0) return out;
+  const bool rank_one = rows.has_imag() && cols.has_imag();
+  // Rx = [R; rv^T]: stage 1 then also produces X rv in its last column.
+  at::Tensor rx = rank_one ? at::cat({cols.L, cols.lv.unsqueeze(0)}, 0).contiguous() : cols.L;
+  const int64_t nt = rx.size(0);
+  at::Tensor t = at::empty({slices, H, nt}, x.options().dtype(at::kFloat));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(launch_fft_crop_stage1(x.data_ptr(), to_dtype(x.scalar_type()), rx.data_ptr<float>(),
+                                        t.data_ptr<float>(), slices, H, W, nt, stream));
+  C10_CUDA_CHECK(launch_fft_crop_stage2(
+      rows.L.data_ptr<float>(), t.data_ptr<float>(), out.data_ptr(), to_dtype(out_dtype), slices, x.size(1), Ho, H,
+      Wo, nt, rank_one ? rows.lu.data_ptr<float>() : nullptr, rank_one ? rows.lv.data_ptr<float>() : nullptr,
+      rank_one ? cols.lu.data_ptr<float>() : nullptr, scale.defined() ? scale.data_ptr<float>() : nullptr,
+      shift.defined() ? shift.data_ptr<float>() : nullptr, stream));
+  return out;
+}
+
+at::Tensor fft_crop_cuda(const at::Tensor& x, at::IntArrayRef size, const std::optional<at::Tensor>& mean,
+                         const std::optional<at::Tensor>& std) {
+  check_fft_crop(x, size, mean, std);
+  const at::NoGradGuard no_grad;  // the kernel's own ATen calls are not part of the autograd graph
+  const at::ScalarType acc = compute_dtype(output_dtype(x.scalar_type()));
+  auto [scale, shift] = channel_affine(x, mean, std, acc);
+  return apply(x, size[0], size[1], false, output_dtype(x.scalar_type()), scale, shift);
+}
+
+at::Tensor fft_crop_backward_cuda(const at::Tensor& grad, at::IntArrayRef input_size,
+                                  const std::optional<at::Tensor>& std) {
+  check_fft_crop_backward(grad, input_size, std);
+  const at::NoGradGuard no_grad;
+  const at::ScalarType acc = compute_dtype(grad.scalar_type());
+  at::Tensor scale = std.has_value() ? at::reciprocal(std->to(acc)).contiguous() : at::Tensor();
+  return apply(grad, input_size[0], input_size[1], true, grad.scalar_type(), scale, at::Tensor());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effkern, CUDA, m) {
+  m.impl("fft_crop", &fft_crop_cuda);
+  m.impl("fft_crop_backward", &fft_crop_backward_cuda);
+}
+
+}  // namespace effkern

@@ -1,0 +1,1 @@
+"""nn.Module-level building blocks on the ragged (packed) token layout."""

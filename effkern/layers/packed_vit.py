@@ -1,0 +1,58 @@
+"""Packed (ragged) forward functions for timm ViT ``Block`` / ``Attention`` modules.
+
+Tokens of all sequences are concatenated on dim 0: ``x`` is (total, D) and
+``cu_seqlens`` int32 (B+1,) marks the sequence boundaries (DESIGN.md section 3).
+These functions reuse the parameters of live timm modules; they own no state.
+Everything except attention is token-wise, so the timm sub-modules (norms, Mlp,
+LayerScale, Linear) are called directly on the packed (total, D) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effkern.ops import varlen_attention_qkvpacked
+
+
+def packed_attention(attn, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """timm ``Attention.forward`` on packed tokens: (total, D) -> (total, D)."""
+    if attn.training and attn.attn_drop.p > 0:
+        raise ValueError("attention dropout (attn_drop_rate > 0) is not supported on the packed path "
+                         "in training mode")
+    total = x.shape[0]
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(total, 3, attn.num_heads, attn.head_dim)
+    if not isinstance(attn.q_norm, torch.nn.Identity) or not isinstance(attn.k_norm, torch.nn.Identity):
+        q, k, v = qkv.unbind(1)
+        qkv = torch.stack((attn.q_norm(q), attn.k_norm(k), v), dim=1)
+    out = varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale=attn.scale)
+    out = attn.norm(out.reshape(total, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def packed_drop_path(x: torch.Tensor, drop_path, seqlens: torch.Tensor, training: bool) -> torch.Tensor:
+    """timm ``DropPath`` per *sequence* (not per row) of packed ``x`` (total, D).
+
+    seqlens (B,) int64 on x's device; one Bernoulli draw per sequence, expanded
+    to its tokens.  Identity modules and eval mode pass x through.
+    """
+    p = float(getattr(drop_path, "drop_prob", 0.0) or 0.0)
+    if p == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - p
+    mask = x.new_empty(seqlens.shape[0]).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and getattr(drop_path, "scale_by_keep", True):
+        mask.div_(keep_prob)
+    mask = mask.repeat_interleave(seqlens, output_size=x.shape[0])
+    return x * mask[:, None]
+
+
+def packed_block(block, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 seqlens: torch.Tensor) -> torch.Tensor:
+    """timm ``Block.forward`` (pre-norm residual) on packed tokens (total, D)."""
+    y = block.ls1(packed_attention(block.attn, block.norm1(x), cu_seqlens, max_seqlen))
+    x = x + packed_drop_path(y, block.drop_path1, seqlens, block.training)
+    y = block.ls2(block.mlp(block.norm2(x)))
+    return x + packed_drop_path(y, block.drop_path2, seqlens, block.training)

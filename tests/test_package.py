@@ -1,0 +1,70 @@
+"""Package-level behaviour: build_info, the backend switch, the CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import effkern
+from effkern.backend import select
+
+
+def test_build_info_keys():
+    info = effkern.build_info()
+    for key in ("version", "torch", "cpu_kernels", "cuda_kernels", "cuda_arch_list", "triton", "backend"):
+        assert key in info
+    assert info["version"] == effkern.__version__
+
+
+@pytest.mark.skipif(os.environ.get("EFFKERN_EXPECT_CUDA_KERNELS") != "1",
+                    reason="set by ./dev test when nvcc is present")
+def test_cuda_kernels_were_compiled():
+    info = effkern.build_info()
+    assert info["cpu_kernels"] and info["cuda_kernels"], info
+    assert info["cuda_arch_list"]
+
+
+def test_backend_switch():
+    assert effkern.get_backend() in ("auto", "triton", "cuda", "cpu", "reference")
+    with effkern.use_backend("reference"):
+        assert effkern.get_backend() == "reference"
+        assert select(torch.device("cpu"), {"cpu", "reference"}) == "reference"
+    with effkern.use_backend("auto"):
+        assert select(torch.device("cpu"), {"cpu", "reference"}) == "cpu"
+        assert select(torch.device("cpu"), {"triton", "reference"}) == "reference"
+        assert select(torch.device("cuda"), {"triton", "reference"}) == "triton"
+        assert select(torch.device("cuda"), {"cuda", "triton", "reference"}) == "cuda"
+    with effkern.use_backend("cuda"):  # not applicable to CPU tensors: auto
+        assert select(torch.device("cpu"), {"cpu", "cuda", "reference"}) == "cpu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        effkern.set_backend("fastest")
+
+
+def test_env_backend_is_read_at_import():
+    code = "import effkern; print(effkern.get_backend())"
+    env = dict(os.environ, EFFKERN_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_import_without_extension_warns_and_falls_back():
+    # Make `import effkern._C` fail as a broken build would: import still works,
+    # warns once with the reason, and the ops use the PyTorch reference.
+    code = ("import sys, warnings, torch\nsys.modules['effkern._C'] = None\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    import effkern\n"
+            "print(sum('could not be loaded' in str(x.message) for x in w))\n"
+            "print(effkern.build_info()['cpu_kernels'], effkern.build_info()['load_error'] is not None)\n"
+            "x = torch.randn(1, 1, 8, 8, dtype=torch.float64)\n"
+            "print(float((effkern.ops.fft_crop(x, 4) - torch.ops.effkern.fft_crop(x, [4, 4])).abs().max()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines[:3] == ["1", "False", "True"] and float(lines[3]) < 1e-12, out.stdout
+
+
+def test_cli_lists_benchmarks_and_rejects_unknown():
+    out = subprocess.run([sys.executable, "-m", "effkern", "bench", "nope"], capture_output=True, text=True)
+    assert out.returncode != 0 and "fft_crop" in out.stderr

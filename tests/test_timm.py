@@ -1,0 +1,287 @@
+"""effkern.timm: patched timm VisionTransformer vs timm's own code.
+
+Small randomly initialised models (depth 2, 64x64 images) keep this file fast on CPU.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+
+import effkern.timm as et  # noqa: E402
+from effkern.layers.packed_vit import packed_drop_path  # noqa: E402
+from effkern.ops import sample_keep  # noqa: E402
+from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+IMG = 64
+
+CONFIGS = {
+    "tiny": ("vit_tiny_patch16_224", {}),
+    "reg4": ("vit_small_patch16_224", {"reg_tokens": 4}),
+    "reg4_noembcls": ("vit_small_patch16_224", {"reg_tokens": 2, "no_embed_class": True}),
+    "nocls_avg": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    "qknorm_ls_max": ("vit_tiny_patch16_224", {"qk_norm": True, "init_values": 0.1, "global_pool": "max",
+                                               "no_embed_class": True}),
+}
+
+
+def make(name="tiny", **extra):
+    arch, kw = CONFIGS[name]
+    kw = {"pretrained": False, "img_size": IMG, "depth": 2, "num_classes": 10, **kw, **extra}
+    m = timm.create_model(arch, **kw).eval()
+    with torch.no_grad():  # timm inits these to ~0 / tiny values: make prefix tokens matter
+        for t in (m.cls_token, m.reg_token, m.pos_embed):
+            if t is not None:
+                t.normal_(0, 0.5)
+    return m
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def timm_reference(m, x, patch_size=None, keep_idx=None, pre_logits=False):
+    """timm's own modules, one sample at a time: resampled conv + resampled pos embed
+    (timm.layers.resample_*), gather kept patches, prepend prefix tokens, blocks, norm, head."""
+    p0 = m.patch_embed.proj.kernel_size[0]
+    p = p0 if patch_size is None else patch_size
+    w = m.patch_embed.proj.weight
+    if p != p0:
+        w = resample_patch_embed(w, [p, p])
+    P = m.num_prefix_tokens
+    gh, gw = x.shape[2] // p, x.shape[3] // p
+    pos = m.pos_embed
+    if pos is not None and (gh, gw) != tuple(m.patch_embed.grid_size):
+        pos = resample_abs_pos_embed(pos, new_size=[gh, gw], num_prefix_tokens=0 if m.no_embed_class else P)
+    pos_prefix, pos_patch = (None, pos) if (m.no_embed_class or P == 0) else (pos[:, :P], pos[:, P:])
+    outs = []
+    for b in range(x.shape[0]):
+        tok = F.conv2d(x[b:b + 1], w, m.patch_embed.proj.bias, stride=p).flatten(2).transpose(1, 2)
+        if pos_patch is not None:
+            tok = tok + pos_patch
+        if keep_idx is not None:
+            tok = tok[:, keep_idx[b]]
+        prefix = [t for t in (m.cls_token, m.reg_token) if t is not None]
+        if prefix:
+            pre = torch.cat(prefix, dim=1)
+            if pos_prefix is not None:
+                pre = pre + pos_prefix
+            tok = torch.cat([pre, tok], dim=1)
+        feats = m.norm(m.blocks(m.norm_pre(tok)))
+        outs.append(VisionTransformer.forward_head(m, feats, pre_logits=pre_logits))
+    return torch.cat(outs, 0)
+
+
+# ------------------------------------------------------------------ untouched / exact timm path
+
+def test_unpatched_untouched_and_no_kwargs_exact():
+    a = make()
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 3, IMG, IMG)
+    before = a(x)
+    et.patch(b)
+    assert torch.equal(a(x), before)  # other instance untouched, bit for bit
+    assert type(a).forward is VisionTransformer.forward and "forward" not in vars(a)
+    assert torch.equal(b(x), before)  # patched, no kwargs: the timm path
+    assert torch.equal(b(x, patch_size=16), before)
+    assert torch.equal(b.forward_features(x), a.forward_features(x))
+    assert et.patch(b) is b and et.is_patched(b) and not et.is_patched(a)
+
+
+def test_create_model():
+    m = et.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=1, num_classes=3)
+    assert et.is_patched(m)
+    assert m(torch.randn(1, 3, IMG, IMG), keep=0.5).shape == (1, 3)
+
+
+def test_state_dict_keys_and_round_trip():
+    ref = make("reg4")
+    m = et.patch(copy.deepcopy(ref))
+    assert list(m.state_dict().keys()) == list(ref.state_dict().keys())
+    fresh = et.patch(make("reg4"))
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.testing.assert_close(fresh(x, keep=1.0), m(x, keep=1.0), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ packed path vs timm
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_native_matches_timm_outputs_and_grads(name):
+    ref = make(name)
+    m = et.patch(copy.deepcopy(ref))
+    x = torch.randn(2, 3, IMG, IMG)
+    out_ref = ref(x)
+    out = m(x, keep=1.0)  # keep given: forces the packed path
+    assert out.shape == out_ref.shape
+    assert rel(out, out_ref) < 1e-5
+    feats = m.forward_features(x, keep=1.0)
+    assert feats.shape == (2, 16 + ref.num_prefix_tokens, ref.embed_dim)
+    assert rel(feats, ref.forward_features(x)) < 1e-5
+
+    g = torch.randn_like(out_ref)
+    (out_ref * g).sum().backward()
+    (out * g).sum().backward()
+    for (n, p_ref), (_, p) in zip(ref.named_parameters(), m.named_parameters()):
+        assert p.grad is not None, n
+        assert rel(p.grad, p_ref.grad) < 1e-5, n
+
+
+@pytest.mark.parametrize("name", ["tiny", "reg4", "reg4_noembcls"])
+def test_token_dropout_matches_timm_per_sample(name):
+    m = et.patch(make(name))
+    x = torch.randn(3, 3, IMG, IMG)
+    keep_idx, cu = sample_keep(3, 16, torch.tensor([5, 16, 1]))
+    per = [keep_idx[cu[b]:cu[b + 1]] for b in range(3)]
+    out = m(x, keep=(keep_idx, cu))
+    assert rel(out, timm_reference(m, x, keep_idx=per)) < 1e-5
+    # ragged forward_features: (packed, cu_seqlens) with the prefix tokens counted
+    packed, cu_out = m.forward_features(x, keep=(keep_idx, cu))
+    P = m.num_prefix_tokens
+    assert cu_out.tolist() == [0, 5 + P, 21 + 2 * P, 22 + 3 * P] and packed.shape[0] == 22 + 3 * P
+
+
+def test_keep_ratio_and_counts():
+    m = et.patch(make("reg4"))
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.manual_seed(1)
+    out = m.forward_features(x, keep=0.5)
+    assert out.shape == (2, 8 + 5, m.embed_dim)
+    torch.manual_seed(1)
+    keep_idx, _ = sample_keep(2, 16, 0.5)
+    per = keep_idx.view(2, 8)
+    ref = timm_reference(m, x, keep_idx=per, pre_logits=True)
+    torch.manual_seed(1)
+    assert rel(m.forward_views([x], keeps=[0.5])[0], ref) < 1e-5
+    packed, cu = m.forward_features(x, keep=torch.tensor([3, 7]))
+    assert packed.shape == (3 + 7 + 10, m.embed_dim) and cu.tolist() == [0, 8, 20]
+
+
+@pytest.mark.parametrize("p", [8, 32])
+def test_patch_size_matches_timm_resample_float64(p):
+    m = et.patch(make("reg4").double())
+    x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
+    out = m(x, patch_size=p)
+    torch.testing.assert_close(out, timm_reference(m, x, patch_size=p), rtol=1e-9, atol=1e-9)
+
+
+def test_other_image_size_native_patch():
+    m = et.patch(make("tiny"))
+    x = torch.randn(2, 3, 96, 48)
+    assert rel(m(x), timm_reference(m, x)) < 1e-5
+
+
+# ------------------------------------------------------------------ forward_views
+
+def test_forward_views_equals_separate_runs():
+    m = et.patch(make("reg4"))
+    xa, xb, xc = torch.randn(2, 3, IMG, IMG), torch.randn(2, 3, 96, 96), torch.randn(2, 3, 32, 64)
+    kb, cub = sample_keep(2, 9, torch.tensor([4, 9]))
+    outs = m.forward_views([xa, xb, xc], patch_sizes=[None, 32, 8], keeps=[None, (kb, cub), 0.25])
+    assert [o.shape for o in outs] == [(2, m.embed_dim)] * 3
+    # view 0 is native: timm's own forward_head(forward_features, pre_logits=True)
+    assert rel(outs[0], m.forward_head(m.forward_features(xa), pre_logits=True)) < 1e-5
+    per = [kb[cub[b]:cub[b + 1]] for b in range(2)]
+    assert rel(outs[1], timm_reference(m, xb, patch_size=32, keep_idx=per, pre_logits=True)) < 1e-5
+    # 0.25 of 32 patches: same ratio sampling as a separate run with the same seed
+    torch.manual_seed(3)
+    kc, _ = sample_keep(2, 32, 0.25)
+    torch.manual_seed(3)
+    outc = m.forward_views([xc], patch_sizes=[8], keeps=[0.25])[0]
+    assert rel(outc, timm_reference(m, xc, patch_size=8, keep_idx=kc.view(2, 8), pre_logits=True)) < 1e-5
+
+
+def test_forward_views_grads_flow():
+    m = et.patch(make("tiny"))
+    views = [torch.randn(2, 3, IMG, IMG, requires_grad=True), torch.randn(2, 3, 32, 32, requires_grad=True)]
+    outs = m.forward_views(views, patch_sizes=[16, 8], keeps=[0.5, None])
+    sum(o.sum() for o in outs).backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in views)
+    assert m.patch_embed.proj.weight.grad is not None and m.cls_token.grad is not None
+
+
+# ------------------------------------------------------------------ training features
+
+def test_grad_checkpointing_same_grads():
+    a = et.patch(make("tiny"))
+    b = et.patch(copy.deepcopy(a))
+    b.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.manual_seed(0)
+    oa = a(x, keep=0.75)
+    torch.manual_seed(0)
+    ob = b(x, keep=0.75)
+    torch.testing.assert_close(oa, ob, rtol=0, atol=0)
+    oa.sum().backward()
+    ob.sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_drop_path_is_per_sequence():
+    dp = timm.layers.DropPath(0.5)
+    lens = torch.tensor([3, 5, 2, 4, 6, 1, 7, 2])
+    x = torch.ones(int(lens.sum()), 4)
+    y = packed_drop_path(x, dp, lens, training=True)
+    for seg in y.split(lens.tolist()):
+        assert seg.unique().numel() == 1 and seg[0, 0].item() in (0.0, 2.0)
+    assert torch.equal(packed_drop_path(x, dp, lens, training=False), x)
+    m = et.patch(make("tiny", drop_path_rate=0.5)).train()
+    m(torch.randn(2, 3, IMG, IMG), keep=0.5).sum().backward()  # runs in training mode
+
+
+# ------------------------------------------------------------------ errors
+
+def test_bad_inputs():
+    m = et.patch(make("tiny"))
+    x = torch.randn(2, 3, IMG, IMG)
+    with pytest.raises(ValueError, match="patch_size 24 must divide"):
+        m(x, patch_size=24)
+    with pytest.raises(ValueError, match="patch_size"):
+        m(x, patch_size=0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="keep ratio"):
+            m(x, keep=bad)
+    with pytest.raises(ValueError, match="keep"):
+        m(x, keep="all")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(x, keep=(torch.arange(4), torch.tensor([0, 4], dtype=torch.int32)))
+    with pytest.raises(ValueError, match="same batch size"):
+        m.forward_views([x, torch.randn(3, 3, IMG, IMG)])
+    with pytest.raises(ValueError, match="patch_sizes has 1"):
+        m.forward_views([x, x], patch_sizes=[16])
+    with pytest.raises(ValueError, match="keeps has 3"):
+        m.forward_views([x, x], keeps=[None, None, None])
+    with pytest.raises(ValueError, match="views"):
+        m.forward_views(x)
+
+
+@pytest.mark.parametrize("kw, what", [
+    ({"global_pool": "map"}, "attention pooling"),
+    ({"dynamic_img_size": True}, "dynamic_img_size"),
+    ({"patch_drop_rate": 0.5}, "patch_drop"),
+])
+def test_unsupported_models(kw, what):
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=1, **kw)
+    with pytest.raises(ValueError, match=what):
+        et.patch(m)
+
+
+def test_unsupported_modules():
+    with pytest.raises(ValueError, match="not a timm VisionTransformer"):
+        et.patch(torch.nn.Linear(2, 2))
+
+    class MyBlock(timm.models.vision_transformer.Block):
+        pass
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=1, block_fn=MyBlock)
+    with pytest.raises(ValueError, match="MyBlock"):
+        et.patch(m)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=1,
+                          block_fn=timm.models.vision_transformer.ResPostBlock)
+    with pytest.raises(ValueError, match="ResPostBlock"):
+        et.patch(m)
