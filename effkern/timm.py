@@ -261,7 +261,6 @@ def _pool(model, x: torch.Tensor, lens: Sequence[int]) -> torch.Tensor:
     xs = x if rows is None else x.index_select(0, rows)
     sg = seg if rows is None else seg.index_select(0, rows)
     counts = (lo - skip).clamp_min(1).to(x.dtype)
-    out = []
     if pool_type in ("avg", "avgmax"):
         mean = x.new_zeros(B, x.shape[1]).index_add(0, sg, xs) / counts[:, None]
     if pool_type in ("max", "avgmax"):

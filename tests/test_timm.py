@@ -26,6 +26,10 @@ CONFIGS = {
     "nocls_avg": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
     "qknorm_ls_max": ("vit_tiny_patch16_224", {"qk_norm": True, "init_values": 0.1, "global_pool": "max",
                                                "no_embed_class": True}),
+    "nopool": ("vit_tiny_patch16_224", {"global_pool": ""}),
+    "misc": ("vit_tiny_patch16_224", {"scale_attn_norm": True, "pre_norm": True, "global_pool": "avgmax",
+                                      "pool_include_prefix": True, "reg_tokens": 1}),
+    "nopos": ("vit_tiny_patch16_224", {"pos_embed": "none", "global_pool": "avg"}),
 }
 
 
@@ -128,7 +132,8 @@ def test_packed_native_matches_timm_outputs_and_grads(name):
     (out * g).sum().backward()
     for (n, p_ref), (_, p) in zip(ref.named_parameters(), m.named_parameters()):
         assert p.grad is not None, n
-        assert rel(p.grad, p_ref.grad) < 1e-5, n
+        # + atol: k_norm.bias has an exactly-zero true gradient (softmax shift invariance)
+        assert (p.grad - p_ref.grad).norm() <= 1e-5 * p_ref.grad.norm() + 1e-8, n
 
 
 @pytest.mark.parametrize("name", ["tiny", "reg4", "reg4_noembcls"])
@@ -166,7 +171,9 @@ def test_patch_size_matches_timm_resample_float64(p):
     m = et.patch(make("reg4").double())
     x = torch.randn(2, 3, IMG, IMG, dtype=torch.float64)
     out = m(x, patch_size=p)
-    torch.testing.assert_close(out, timm_reference(m, x, patch_size=p), rtol=1e-9, atol=1e-9)
+    # timm resamples the weight / pos embed in float32 (its DTYPE_INTERMEDIATE), effkern in
+    # float64 for float64 inputs: agreement is at float32 rounding of the resampled params
+    assert rel(out, timm_reference(m, x, patch_size=p)) < 1e-5
 
 
 def test_other_image_size_native_patch():
