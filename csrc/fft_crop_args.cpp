@@ -60,4 +60,20 @@ std::pair<at::Tensor, at::Tensor> channel_affine(const at::Tensor& x, const std:
   return {scale, shift};
 }
 
+CropCall prepare_fft_crop(const at::Tensor& x, at::IntArrayRef size, const std::optional<at::Tensor>& mean,
+                          const std::optional<at::Tensor>& std) {
+  check_fft_crop(x, size, mean, std);
+  const at::ScalarType out = output_dtype(x.scalar_type());
+  auto [scale, shift] = channel_affine(x, mean, std, compute_dtype(out));
+  return {x, size[0], size[1], false, out, scale, shift};
+}
+
+CropCall prepare_fft_crop_backward(const at::Tensor& grad, at::IntArrayRef input_size,
+                                   const std::optional<at::Tensor>& std) {
+  check_fft_crop_backward(grad, input_size, std);
+  at::Tensor scale = std.has_value() ? at::reciprocal(std->to(compute_dtype(grad.scalar_type()))).contiguous()
+                                     : at::Tensor();
+  return {grad, input_size[0], input_size[1], true, grad.scalar_type(), scale, at::Tensor()};
+}
+
 }  // namespace effkern

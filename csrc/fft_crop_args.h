@@ -26,4 +26,21 @@ at::ScalarType output_dtype(at::ScalarType x);
 std::pair<at::Tensor, at::Tensor> channel_affine(const at::Tensor& x, const std::optional<at::Tensor>& mean,
                                                  const std::optional<at::Tensor>& std, at::ScalarType dtype);
 
+// One call of the separable crop map, checked and ready for a device's kernel:
+// out (N, C, Ho, Wo) = crop (or its adjoint) of x, then * scale[c] + shift[c].
+struct CropCall {
+  at::Tensor x;
+  int64_t Ho, Wo;
+  bool adjoint;
+  at::ScalarType out_dtype;
+  at::Tensor scale, shift;  // undefined: identity
+};
+
+// fft_crop(x, size, mean, std): checks the arguments, folds the normalisation.
+CropCall prepare_fft_crop(const at::Tensor& x, at::IntArrayRef size, const std::optional<at::Tensor>& mean,
+                          const std::optional<at::Tensor>& std);
+// fft_crop_backward(grad, input_size, std): the adjoint applied to grad / std.
+CropCall prepare_fft_crop_backward(const at::Tensor& grad, at::IntArrayRef input_size,
+                                   const std::optional<at::Tensor>& std);
+
 }  // namespace effkern

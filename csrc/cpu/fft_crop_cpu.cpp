@@ -85,8 +85,12 @@ void run(const at::Tensor& in, at::Tensor& out, const AxisOp& rows, const AxisOp
 }
 
 // Applies the separable map (rows: H -> Ho, cols: W -> Wo) to every slice of x.
-at::Tensor apply(const at::Tensor& x_in, int64_t Ho, int64_t Wo, bool adjoint, at::ScalarType out_dtype,
-                 const at::Tensor& scale, const at::Tensor& shift) {
+at::Tensor apply(const CropCall& call) {
+  const at::Tensor& x_in = call.x;
+  const int64_t Ho = call.Ho, Wo = call.Wo;
+  const bool adjoint = call.adjoint;
+  const at::ScalarType out_dtype = call.out_dtype;
+  const at::Tensor &scale = call.scale, &shift = call.shift;
   at::Tensor x = x_in.contiguous();
   const int64_t H = x.size(2), W = x.size(3);
   const at::ScalarType acc = compute_dtype(x.scalar_type() == at::kByte ? at::kFloat : x.scalar_type());
@@ -105,20 +109,14 @@ at::Tensor apply(const at::Tensor& x_in, int64_t Ho, int64_t Wo, bool adjoint, a
 
 at::Tensor fft_crop_cpu(const at::Tensor& x, at::IntArrayRef size, const std::optional<at::Tensor>& mean,
                         const std::optional<at::Tensor>& std) {
-  check_fft_crop(x, size, mean, std);
   const at::NoGradGuard no_grad;  // the kernel's own ATen calls are not part of the autograd graph
-  const at::ScalarType acc = compute_dtype(output_dtype(x.scalar_type()));
-  auto [scale, shift] = channel_affine(x, mean, std, acc);
-  return apply(x, size[0], size[1], false, output_dtype(x.scalar_type()), scale, shift);
+  return apply(prepare_fft_crop(x, size, mean, std));
 }
 
 at::Tensor fft_crop_backward_cpu(const at::Tensor& grad, at::IntArrayRef input_size,
                                  const std::optional<at::Tensor>& std) {
-  check_fft_crop_backward(grad, input_size, std);
   const at::NoGradGuard no_grad;
-  const at::ScalarType acc = compute_dtype(grad.scalar_type());
-  at::Tensor scale = std.has_value() ? std->to(acc).reciprocal().contiguous() : at::Tensor();
-  return apply(grad, input_size[0], input_size[1], true, grad.scalar_type(), scale, at::Tensor());
+  return apply(prepare_fft_crop_backward(grad, input_size, std));
 }
 
 }  // namespace
