@@ -60,12 +60,28 @@ std::pair<at::Tensor, at::Tensor> channel_affine(const at::Tensor& x, const std:
   return {scale, shift};
 }
 
+namespace {
+
+// Forward: the crop H -> Ho per axis; adjoint: the transpose of the crop Ho -> H.
+CropCall make_call(const at::Tensor& x, int64_t Ho, int64_t Wo, bool adjoint, at::ScalarType out_dtype,
+                   at::Tensor scale, at::Tensor shift) {
+  CropCall call{x.contiguous(), Ho, Wo, out_dtype, compute_dtype(x.scalar_type()), nullptr, nullptr,
+                std::move(scale), std::move(shift)};
+  const int64_t H = x.size(2), W = x.size(3);
+  const at::Device device = x.device();
+  call.rows = adjoint ? &crop_axis(Ho, H, true, call.acc, device) : &crop_axis(H, Ho, false, call.acc, device);
+  call.cols = adjoint ? &crop_axis(Wo, W, true, call.acc, device) : &crop_axis(W, Wo, false, call.acc, device);
+  return call;
+}
+
+}  // namespace
+
 CropCall prepare_fft_crop(const at::Tensor& x, at::IntArrayRef size, const std::optional<at::Tensor>& mean,
                           const std::optional<at::Tensor>& std) {
   check_fft_crop(x, size, mean, std);
   const at::ScalarType out = output_dtype(x.scalar_type());
   auto [scale, shift] = channel_affine(x, mean, std, compute_dtype(out));
-  return {x, size[0], size[1], false, out, scale, shift};
+  return make_call(x, size[0], size[1], false, out, scale, shift);
 }
 
 CropCall prepare_fft_crop_backward(const at::Tensor& grad, at::IntArrayRef input_size,
@@ -73,7 +89,7 @@ CropCall prepare_fft_crop_backward(const at::Tensor& grad, at::IntArrayRef input
   check_fft_crop_backward(grad, input_size, std);
   at::Tensor scale = std.has_value() ? at::reciprocal(std->to(compute_dtype(grad.scalar_type()))).contiguous()
                                      : at::Tensor();
-  return {grad, input_size[0], input_size[1], true, grad.scalar_type(), scale, at::Tensor()};
+  return make_call(grad, input_size[0], input_size[1], true, grad.scalar_type(), scale, at::Tensor());
 }
 
 }  // namespace effkern

@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "fft_crop_plan.h"
+
 namespace effkern {
 
 // Checks x (N, C, H, W), size (h, w) with 1 <= h <= H, 1 <= w <= W, and mean/std
@@ -27,12 +29,16 @@ std::pair<at::Tensor, at::Tensor> channel_affine(const at::Tensor& x, const std:
                                                  const std::optional<at::Tensor>& std, at::ScalarType dtype);
 
 // One call of the separable crop map, checked and ready for a device's kernel:
-// out (N, C, Ho, Wo) = crop (or its adjoint) of x, then * scale[c] + shift[c].
+// out (N, C, Ho, Wo) = rows.L x cols.L^T (- the rank-one term), then
+// * scale[c] + shift[c].  rows/cols are the crop's axes (forward) or their
+// transposes (adjoint), cached on x's device in the accumulation dtype.
 struct CropCall {
-  at::Tensor x;
+  at::Tensor x;             // contiguous
   int64_t Ho, Wo;
-  bool adjoint;
   at::ScalarType out_dtype;
+  at::ScalarType acc;       // float64 for float64 data, float32 otherwise
+  const AxisOp* rows;       // H -> Ho
+  const AxisOp* cols;       // W -> Wo
   at::Tensor scale, shift;  // undefined: identity
 };
 

@@ -86,23 +86,13 @@ void run(const at::Tensor& in, at::Tensor& out, const AxisOp& rows, const AxisOp
 
 // Applies the separable map (rows: H -> Ho, cols: W -> Wo) to every slice of x.
 at::Tensor apply(const CropCall& call) {
-  const at::Tensor& x_in = call.x;
-  const int64_t Ho = call.Ho, Wo = call.Wo;
-  const bool adjoint = call.adjoint;
-  const at::ScalarType out_dtype = call.out_dtype;
-  const at::Tensor &scale = call.scale, &shift = call.shift;
-  at::Tensor x = x_in.contiguous();
-  const int64_t H = x.size(2), W = x.size(3);
-  const at::ScalarType acc = compute_dtype(x.scalar_type() == at::kByte ? at::kFloat : x.scalar_type());
-  // Forward: the crop H -> Ho; adjoint: the transpose of the crop Ho -> H.
-  const AxisOp& rows = adjoint ? crop_axis(Ho, H, true, acc, x.device()) : crop_axis(H, Ho, false, acc, x.device());
-  const AxisOp& cols = adjoint ? crop_axis(Wo, W, true, acc, x.device()) : crop_axis(W, Wo, false, acc, x.device());
-  at::Tensor out = at::empty({x.size(0), x.size(1), Ho, Wo}, x.options().dtype(out_dtype));
+  const at::Tensor& x = call.x;
+  at::Tensor out = at::empty({x.size(0), x.size(1), call.Ho, call.Wo}, x.options().dtype(call.out_dtype));
   if (out.numel() == 0) return out;
-  if (acc == at::kDouble) {
-    run<double>(x, out, rows, cols, scale, shift);
+  if (call.acc == at::kDouble) {
+    run<double>(x, out, *call.rows, *call.cols, call.scale, call.shift);
   } else {
-    run<float>(x, out, rows, cols, scale, shift);
+    run<float>(x, out, *call.rows, *call.cols, call.scale, call.shift);
   }
   return out;
 }

@@ -44,18 +44,13 @@ at::Tensor apply_double(const at::Tensor& x, const AxisOp& rows, const AxisOp& c
 }
 
 at::Tensor apply(const CropCall& call) {
-  const at::Tensor& x_in = call.x;
-  const int64_t Ho = call.Ho, Wo = call.Wo;
-  const bool adjoint = call.adjoint;
-  const at::ScalarType out_dtype = call.out_dtype;
+  const c10::cuda::CUDAGuard guard(call.x.device());
+  const at::Tensor& x = call.x;
+  const AxisOp &rows = *call.rows, &cols = *call.cols;
   const at::Tensor &scale = call.scale, &shift = call.shift;
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor x = x_in.contiguous();
-  const int64_t H = x.size(2), W = x.size(3);
-  const at::ScalarType acc = compute_dtype(x.scalar_type() == at::kByte ? at::kFloat : x.scalar_type());
-  const AxisOp& rows = adjoint ? crop_axis(Ho, H, true, acc, x.device()) : crop_axis(H, Ho, false, acc, x.device());
-  const AxisOp& cols = adjoint ? crop_axis(Wo, W, true, acc, x.device()) : crop_axis(W, Wo, false, acc, x.device());
-  if (acc == at::kDouble) return apply_double(x, rows, cols, scale, shift).contiguous();
+  const int64_t H = x.size(2), W = x.size(3), Ho = call.Ho, Wo = call.Wo;
+  const at::ScalarType out_dtype = call.out_dtype;
+  if (call.acc == at::kDouble) return apply_double(x, rows, cols, scale, shift).contiguous();
   at::Tensor out = at::empty({x.size(0), x.size(1), Ho, Wo}, x.options().dtype(out_dtype));
   const int64_t slices = x.size(0) * x.size(1);
   if (slices == 0) return out;
