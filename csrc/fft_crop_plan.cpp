@@ -3,6 +3,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -13,6 +14,36 @@ namespace effkern {
 namespace {
 
 using Key = std::tuple<int64_t, int64_t, bool, int, int, int>;
+
+// E and O of AxisOp (see fft_crop_plan.h) from L, in float64.
+void fold(AxisOp& op) {
+  const int64_t n = op.L.size(0), N = op.L.size(1);
+  const double* L = op.L.data_ptr<double>();
+  double scale = 0.0;
+  for (int64_t i = 0; i < n * N; ++i) scale = std::max(scale, std::abs(L[i]));
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t m = 0; m < N; ++m) {
+      const double mirrored = L[((n - a) % n) * N + (N - m) % N];
+      TORCH_INTERNAL_ASSERT(std::abs(L[a * N + m] - mirrored) <= 1e-12 * scale + 1e-300,
+                            "fft_crop: crop matrix is not reversal-symmetric");
+    }
+  }
+  const int64_t ne = n / 2 + 1, Ne = N / 2 + 1, no = (n - 1) / 2, No = (N - 1) / 2;
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  op.E = at::empty({ne, Ne}, opts);
+  op.O = at::empty({no, No}, opts);
+  double* E = op.E.data_ptr<double>();
+  double* O = op.O.data_ptr<double>();
+  for (int64_t a = 0; a < ne; ++a) {
+    for (int64_t j = 0; j < Ne; ++j) {
+      const bool self_mirror = j == 0 || 2 * j == N;
+      E[a * Ne + j] = self_mirror ? L[a * N + j] : 0.5 * (L[a * N + j] + L[a * N + N - j]);
+    }
+  }
+  for (int64_t a = 1; a <= no; ++a) {
+    for (int64_t j = 1; j <= No; ++j) O[(a - 1) * No + j - 1] = 0.5 * (L[a * N + j] - L[a * N + N - j]);
+  }
+}
 
 AxisOp build(int64_t n_in, int64_t n_out, bool adjoint) {
   const double pi = 3.14159265358979323846;
@@ -55,6 +86,7 @@ AxisOp build(int64_t n_in, int64_t n_out, bool adjoint) {
     op.L = ar;
     if (u.defined()) { op.lu = u; op.lv = v; }
   }
+  fold(op);
   return op;
 }
 
@@ -78,6 +110,8 @@ const AxisOp& crop_axis(int64_t n_in, int64_t n_out, bool adjoint, at::ScalarTyp
   auto opts = at::TensorOptions().dtype(dtype).device(device);
   auto op = std::make_unique<AxisOp>();
   op->L = base.L.to(opts).contiguous();
+  op->E = base.E.to(opts).contiguous();
+  op->O = base.O.to(opts).contiguous();
   if (base.has_imag()) {
     op->lu = base.lu.to(opts).contiguous();
     op->lv = base.lv.to(opts).contiguous();

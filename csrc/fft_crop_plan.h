@@ -23,6 +23,15 @@ struct AxisOp {
   at::Tensor L;   // (n_out, n_in), contiguous
   at::Tensor lu;  // (n_out,) or undefined when the imaginary part is zero
   at::Tensor lv;  // (n_in,)  or undefined
+  // L commutes with index reversal (L[-a, -m] = L[a, m], indices mod n_out / n_in),
+  // so it splits into an even and an odd half (the CPU kernel uses these):
+  //   fold   xe[j] = x[j] + x[-j] (j = 1 .. ceil(N/2)-1; xe[0] = x[0], xe[N/2] = x[N/2]),
+  //          xo[j] = x[j] - x[-j] (j = 1 .. floor((N-1)/2))
+  //   ye = E xe  (rows a = 0 .. floor(n/2)),  yo = O xo  (rows a = 1 .. floor((n-1)/2))
+  //   unfold y[a] = ye[a] + yo[a], y[-a] = ye[a] - yo[a]
+  // which halves the multiply-adds of L x.
+  at::Tensor E;   // (floor(n/2)+1, floor(N/2)+1)
+  at::Tensor O;   // (floor((n-1)/2), floor((N-1)/2))
   bool has_imag() const { return lu.defined(); }
 };
 

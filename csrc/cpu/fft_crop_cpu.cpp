@@ -5,7 +5,10 @@
 // optional per-channel affine y * scale[c] + shift[c] (fused normalisation).
 // Layout: NCHW contiguous in, NCHW contiguous out; the slices are independent.
 // Why this shape: the work is two small dense GEMMs per slice (224x224 @ 224x160,
-// then 160x224 @ 224x160 for a 224 -> 160 crop).  Slices are spread over threads
+// then 160x224 @ 224x160 for a 224 -> 160 crop), each split into an even and an
+// odd half of about a quarter of the size (the crop matrices commute with index
+// reversal, see fft_crop_plan.h): half the multiply-adds for two cheap passes
+// that fold the input and unfold the output.  Slices are spread over threads
 // with at::parallel_for; each thread takes a few slices at a time, keeps them
 // (converted from uint8/half if needed) and the intermediate X R^T in private
 // buffers that stay in L2, and calls the GEMM (single-threaded inside the
@@ -33,20 +36,94 @@ namespace {
 // stay in L2, large enough to amortise the per-call cost of the GEMM.
 constexpr int64_t kSlicesPerStep = 4;
 
-// One thread's chunk of slices [begin, end): y = L x R^T - lu (lv^T x rv) ru^T,
-// then the per-channel affine.  x: (S, Hi, Wi) in acc dtype; out: (S, Ho, Wo).
-void apply_chunk(const at::Tensor& x, at::Tensor& y, const AxisOp& rows, const AxisOp& cols,
-                 bool rank_one, at::Tensor& tmp) {
+// src (count, N, inner) -> even part (count, N/2+1, inner), odd part (count, (N-1)/2, inner):
+// xe[j] = x[j] + x[N-j] (x[j] alone where j == N-j mod N), xo[j] = x[j] - x[N-j], j >= 1.
+template <typename T>
+void fold(const T* src, T* even, T* odd, int64_t count, int64_t N, int64_t inner) {
+  const int64_t Ne = N / 2 + 1, No = (N - 1) / 2;
+  for (int64_t c = 0; c < count; ++c) {
+    const T* x = src + c * N * inner;
+    T* xe = even + c * Ne * inner;
+    T* xo = odd + c * No * inner;
+    for (int64_t i = 0; i < inner; ++i) xe[i] = x[i];
+    for (int64_t j = 1; j <= No; ++j) {
+      const T* lo = x + j * inner;
+      const T* hi = x + (N - j) * inner;
+      T* e = xe + j * inner;
+      T* o = xo + (j - 1) * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        e[i] = lo[i] + hi[i];
+        o[i] = lo[i] - hi[i];
+      }
+    }
+    if (N % 2 == 0 && N > 1) {
+      for (int64_t i = 0; i < inner; ++i) xe[(N / 2) * inner + i] = x[(N / 2) * inner + i];
+    }
+  }
+}
+
+// Inverse of the output split: dst[a] = ye[a] + yo[a], dst[n-a] = ye[a] - yo[a].
+template <typename T>
+void unfold(const T* even, const T* odd, T* dst, int64_t count, int64_t n, int64_t inner) {
+  const int64_t ne = n / 2 + 1, no = (n - 1) / 2;
+  for (int64_t c = 0; c < count; ++c) {
+    const T* ye = even + c * ne * inner;
+    const T* yo = odd + c * no * inner;
+    T* y = dst + c * n * inner;
+    for (int64_t i = 0; i < inner; ++i) y[i] = ye[i];
+    for (int64_t a = 1; a <= no; ++a) {
+      const T* e = ye + a * inner;
+      const T* o = yo + (a - 1) * inner;
+      T* lo = y + a * inner;
+      T* hi = y + (n - a) * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        lo[i] = e[i] + o[i];
+        hi[i] = e[i] - o[i];
+      }
+    }
+    if (n % 2 == 0 && n > 1) {
+      for (int64_t i = 0; i < inner; ++i) y[(n / 2) * inner + i] = ye[(n / 2) * inner + i];
+    }
+  }
+}
+
+// Per-thread scratch for one step of S <= kSlicesPerStep slices.
+struct Scratch {
+  at::Tensor xe, xo, te, to, t, re, ro, ye, yo;
+  Scratch(int64_t S, int64_t Hi, int64_t Wi, int64_t Ho, int64_t Wo, at::TensorOptions opts)
+      : xe(at::empty({S * Hi, Wi / 2 + 1}, opts)), xo(at::empty({S * Hi, (Wi - 1) / 2}, opts)),
+        te(at::empty({S * Hi, Wo / 2 + 1}, opts)), to(at::empty({S * Hi, (Wo - 1) / 2}, opts)),
+        t(at::empty({S, Hi, Wo}, opts)), re(at::empty({S, Hi / 2 + 1, Wo}, opts)),
+        ro(at::empty({S, (Hi - 1) / 2, Wo}, opts)), ye(at::empty({S, Ho / 2 + 1, Wo}, opts)),
+        yo(at::empty({S, (Ho - 1) / 2, Wo}, opts)) {}
+};
+
+// One step of S slices: y = L x R^T - lu (lv^T x rv) ru^T, each product split into
+// its even and odd halves (fft_crop_plan.h), which halves the multiply-adds.
+// x: (S, Hi, Wi) contiguous in acc dtype; y: (S, Ho, Wo) contiguous.
+template <typename acc_t>
+void apply_step(const at::Tensor& x, at::Tensor& y, const AxisOp& rows, const AxisOp& cols, bool rank_one,
+                Scratch& w) {
   const int64_t S = x.size(0), Hi = x.size(1), Wi = x.size(2), Ho = y.size(1), Wo = y.size(2);
-  at::Tensor t = tmp.narrow(0, 0, S * Hi);
-  at::mm_out(t, x.view({S * Hi, Wi}), cols.L.t());                  // (S*Hi, Wo) = X R^T
-  at::matmul_out(y, rows.L, t.view({S, Hi, Wo}));                    // (S, Ho, Wo) = L T
+  at::Tensor xe = w.xe.narrow(0, 0, S * Hi), xo = w.xo.narrow(0, 0, S * Hi);
+  at::Tensor te = w.te.narrow(0, 0, S * Hi), to = w.to.narrow(0, 0, S * Hi);
+  at::Tensor t = w.t.narrow(0, 0, S), re = w.re.narrow(0, 0, S), ro = w.ro.narrow(0, 0, S);
+  at::Tensor ye = w.ye.narrow(0, 0, S), yo = w.yo.narrow(0, 0, S);
+  // along W: T = X R^T
+  fold(x.data_ptr<acc_t>(), xe.data_ptr<acc_t>(), xo.data_ptr<acc_t>(), S * Hi, Wi, 1);
+  at::mm_out(te, xe, cols.E.t());
+  at::mm_out(to, xo, cols.O.t());
+  unfold(te.data_ptr<acc_t>(), to.data_ptr<acc_t>(), t.data_ptr<acc_t>(), S * Hi, Wo, 1);
+  // along H: Y = L T
+  fold(t.data_ptr<acc_t>(), re.data_ptr<acc_t>(), ro.data_ptr<acc_t>(), S, Hi, Wo);
+  at::matmul_out(ye, rows.E, re);
+  at::matmul_out(yo, rows.O, ro);
+  unfold(ye.data_ptr<acc_t>(), yo.data_ptr<acc_t>(), y.data_ptr<acc_t>(), S, Ho, Wo);
   if (rank_one) {
     // s = lv^T X rv per slice; y -= s * lu ru^T
-    at::Tensor s = at::matmul(at::matmul(x, cols.lv), rows.lv);     // (S,)
+    at::Tensor s = at::matmul(at::matmul(x, cols.lv), rows.lv);  // (S,)
     y.sub_(at::mul(s.view({S, 1, 1}), at::outer(rows.lu, cols.lu)));
   }
-  (void)Ho;
 }
 
 template <typename acc_t>
@@ -64,7 +141,7 @@ void run(const at::Tensor& in, at::Tensor& out, const AxisOp& rows, const AxisOp
     const at::NoGradGuard no_grad;
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto opts = in.options().dtype(acc);
-    at::Tensor tmp = at::empty({kSlicesPerStep * Hi, Wo}, opts);
+    Scratch scratch(kSlicesPerStep, Hi, Wi, Ho, Wo, opts);
     at::Tensor xbuf = convert_in ? at::empty({kSlicesPerStep, Hi, Wi}, opts) : at::Tensor();
     at::Tensor ybuf = convert_out ? at::empty({kSlicesPerStep, Ho, Wo}, opts) : at::Tensor();
     for (int64_t s0 = begin; s0 < end; s0 += kSlicesPerStep) {
@@ -72,7 +149,7 @@ void run(const at::Tensor& in, at::Tensor& out, const AxisOp& rows, const AxisOp
       at::Tensor x = in3.narrow(0, s0, S);
       if (convert_in) x = xbuf.narrow(0, 0, S).copy_(x);
       at::Tensor y = convert_out ? ybuf.narrow(0, 0, S) : out3.narrow(0, s0, S);
-      apply_chunk(x, y, rows, cols, rank_one, tmp);
+      apply_step<acc_t>(x, y, rows, cols, rank_one, scratch);
       if (scale.defined() || shift.defined()) {
         // channel of slice s is s % C: build the (S,) per-slice factors
         at::Tensor ch = at::arange(s0, s0 + S, in.options().dtype(at::kLong)).remainder_(channels);
