@@ -1,9 +1,13 @@
 """effkern bench fft_crop: the low-frequency crop against the peers a user would pick.
 
 Peers, measured in the same process on the same inputs:
-  torch.fft     rfft2 -> keep the low rows/columns -> irfft2 at (h, w), rescaled
-                (the usual fast composition; for even h and w it keeps the +w/2
-                Nyquist column where the definition keeps -w/2, hence its small error)
+  torch.fft     rfft2 -> keep the low rows/columns -> irfft2 at (h, w), rescaled:
+                the fast composition.  The definition keeps rows -h/2..h/2-1 of
+                every column, which is not Hermitian for even h; the real output
+                equals irfft2 of the Hermitian part, which differs from the plain
+                crop only in row -h/2: the mean of frequencies -h/2 and +h/2
+                (for even w, in the Nyquist column, frequency +h/2 alone).  The
+                peer sets that row (one extra small copy), so it is exact.
   fft2+shift    fft2 -> fftshift -> centre crop -> ifftshift -> ifft2 -> real part:
                 EfficientTrain++'s own code, exactly the definition
   interpolate   F.interpolate(mode="bilinear", antialias=True): the down-sampling
@@ -38,6 +42,10 @@ def torch_fft_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     H, W = x.shape[-2:]
     spec = torch.fft.rfft2(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
     rows = torch.cat([spec[..., : (h + 1) // 2, : w // 2 + 1], spec[..., H - h // 2:, : w // 2 + 1]], dim=-2)
+    if h % 2 == 0 and h < H:
+        rows[..., h // 2, :] = 0.5 * (spec[..., H - h // 2, : w // 2 + 1] + spec[..., h // 2, : w // 2 + 1])
+        if w % 2 == 0:  # the Nyquist column stands for -w/2, whose rows mirror to +h/2
+            rows[..., h // 2, w // 2] = spec[..., h // 2, w // 2]
     out = torch.fft.irfft2(rows, s=(h, w)) * (h * w / (H * W))
     return out.to(x.dtype)
 
