@@ -30,9 +30,11 @@ def _bench(argv: list[str]) -> int:
     device = torch.device(args.device)
     rows = module.run(args)
     title = f"effkern bench {args.name} on {environment(device)['device_name']} ({device})"
-    print(format_table(rows, title))
+    extra_cols = getattr(module, "TABLE_EXTRA", ())
+    print(format_table(rows, title, extra_cols=extra_cols))
     if args.out:
-        write_results(args.out, rows, environment(device), "effkern bench " + " ".join(argv), title)
+        write_results(args.out, rows, environment(device), "effkern bench " + " ".join(argv), title,
+                      extra_cols=extra_cols)
     return 0
 
 

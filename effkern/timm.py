@@ -96,9 +96,10 @@ def is_patched(model) -> bool:
 def patch(model):
     """Patch a live timm ``VisionTransformer`` in place and return it.
 
-    Adds ``forward_features(x, patch_size=None, keep=None)``,
-    ``forward(x, patch_size=None, keep=None)`` and
-    ``forward_views(views, patch_sizes=None, keeps=None)`` on this instance only.
+    Adds ``forward_features(x, patch_size=None, keep=None, generator=None)``,
+    ``forward(x, patch_size=None, keep=None, generator=None)`` and
+    ``forward_views(views, patch_sizes=None, keeps=None, generator=None)`` on this
+    instance only.
     Raises ValueError naming the first unsupported feature.  Idempotent.
     """
     if is_patched(model):
@@ -143,16 +144,30 @@ def _is_native(model, x, p: int, keep) -> bool:
             and tuple(x.shape[-2:]) == tuple(model.patch_embed.img_size))
 
 
-def _resolve_keep(keep, B: int, n: int, device):
+def _sample(B: int, n: int, keep, device, generator):
+    """effkern.ops.sample_keep on ``device``; with a generator on another device (e.g. a
+    CPU generator for CUDA images) the indices are drawn there and moved."""
+    if generator is None:
+        return sample_keep(B, n, keep, device=device)
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    gdev = torch.device(generator.device)
+    if isinstance(keep, torch.Tensor):
+        keep = keep.to(gdev)
+    idx, cu = sample_keep(B, n, keep, generator=generator, device=gdev)
+    return idx.to(device), cu.to(device)
+
+
+def _resolve_keep(keep, B: int, n: int, device, generator=None):
     """-> (keep_idx, cu_seqlens int32, host lengths list, ragged: bool)."""
     if keep is None or (isinstance(keep, numbers.Real) and not isinstance(keep, bool)):
         ratio = 1.0 if keep is None else float(keep)
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"keep ratio must be in (0, 1], got {keep!r}")
-        idx, cu = sample_keep(B, n, ratio, device=device)
+        idx, cu = _sample(B, n, ratio, device, generator)
         return idx, cu, [max(1, int(n * ratio))] * B, False
     if isinstance(keep, torch.Tensor):
-        idx, cu = sample_keep(B, n, keep, device=device)
+        idx, cu = _sample(B, n, keep, device, generator)
         return idx, cu, keep.to("cpu", torch.int64).tolist(), True
     if isinstance(keep, (tuple, list)) and len(keep) == 2 and all(isinstance(t, torch.Tensor) for t in keep):
         idx, cu = keep
@@ -190,11 +205,11 @@ def _prefix(model) -> Optional[torch.Tensor]:
     return prefix if pos_prefix is None else prefix + pos_prefix
 
 
-def _embed(model, x, p: int, keep):
+def _embed(model, x, p: int, keep, generator=None):
     """One view -> (tokens (total, D) with prefix tokens, per-sample lengths, ragged)."""
     B, _, H, W = x.shape
     n = (H // p) * (W // p)
-    keep_idx, cu, lens, ragged = _resolve_keep(keep, B, n, x.device)
+    keep_idx, cu, lens, ragged = _resolve_keep(keep, B, n, x.device, generator)
     proj = model.patch_embed.proj
     pos_patch, _ = _split_pos(model)
     tokens = _patch_embed(x, proj.weight, proj.bias, p, pos_patch, keep_idx, cu)
@@ -289,10 +304,11 @@ def _head(model, x, lens, ragged, pre_logits: bool):
 
 # ------------------------------------------------------------------ bound methods
 
-def _forward_features(self, x, patch_size=None, keep=None, attn_mask=None, is_causal=False):
+def _forward_features(self, x, patch_size=None, keep=None, attn_mask=None, is_causal=False, generator=None):
     """timm forward_features with ``patch_size=`` and ``keep=`` (see the module docstring
     for the return contract).  Native patch size, native image size and keep None
-    run the original timm code."""
+    run the original timm code.  ``generator`` (a torch.Generator) draws the kept
+    patches when ``keep`` is a ratio or a count tensor (default: the global RNG)."""
     from timm.models.vision_transformer import VisionTransformer
 
     p = _resolve_patch(self, x, patch_size)
@@ -300,13 +316,13 @@ def _forward_features(self, x, patch_size=None, keep=None, attn_mask=None, is_ca
         return VisionTransformer.forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
     if attn_mask is not None or is_causal:
         raise ValueError("attn_mask / is_causal are not supported with patch_size= or keep=")
-    tokens, lens, ragged = _embed(self, x, p, keep)
+    tokens, lens, ragged = _embed(self, x, p, keep, generator)
     return _features_out(_trunk(self, tokens, lens), lens, ragged)
 
 
-def _forward(self, x, patch_size=None, keep=None, attn_mask=None, is_causal=False):
+def _forward(self, x, patch_size=None, keep=None, attn_mask=None, is_causal=False, generator=None):
     """timm forward with ``patch_size=`` and ``keep=``: pooling is per sample over its
-    own tokens, then fc_norm, head_drop, head."""
+    own tokens, then fc_norm, head_drop, head.  ``generator``: as in forward_features."""
     from timm.models.vision_transformer import VisionTransformer
 
     p = _resolve_patch(self, x, patch_size)
@@ -314,18 +330,19 @@ def _forward(self, x, patch_size=None, keep=None, attn_mask=None, is_causal=Fals
         return VisionTransformer.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     if attn_mask is not None or is_causal:
         raise ValueError("attn_mask / is_causal are not supported with patch_size= or keep=")
-    tokens, lens, ragged = _embed(self, x, p, keep)
+    tokens, lens, ragged = _embed(self, x, p, keep, generator)
     return _head(self, _trunk(self, tokens, lens), lens, ragged, pre_logits=False)
 
 
-def _forward_views(self, views, patch_sizes=None, keeps=None):
+def _forward_views(self, views, patch_sizes=None, keeps=None, generator=None):
     """Run several views (same batch size, any resolutions) as ONE packed batch.
 
     views: list of (B, C, H_v, W_v) tensors; patch_sizes / keeps: None or lists of
     the same length (entries as for ``forward``).  Tokens are packed view-major
     (all samples of view 0, then view 1, ...) and go through the blocks once.
     Returns a list with, per view, timm's ``forward_head(pre_logits=True)``
-    features: pool + fc_norm (+ head_drop), (B, D).
+    features: pool + fc_norm (+ head_drop), (B, D).  ``generator`` (one torch.Generator
+    for all views, drawn in view order) samples the ratio / count keeps.
     """
     if isinstance(views, torch.Tensor) or not isinstance(views, (list, tuple)) or not views:
         raise ValueError("views must be a non-empty list of (B, C, H, W) tensors")
@@ -340,7 +357,7 @@ def _forward_views(self, views, patch_sizes=None, keeps=None):
     B = views[0].shape[0]
     if any(v.shape[0] != B for v in views):
         raise ValueError(f"all views must have the same batch size, got {[v.shape[0] for v in views]}")
-    embedded = [_embed(self, v, p, k) for v, p, k in zip(views, ps, keeps)]
+    embedded = [_embed(self, v, p, k, generator) for v, p, k in zip(views, ps, keeps)]
     lens = [n for _, lv, _ in embedded for n in lv]
     x = _trunk(self, torch.cat([t for t, _, _ in embedded], dim=0), lens)
     out, start = [], 0

@@ -292,3 +292,91 @@ def test_unsupported_modules():
                           block_fn=timm.models.vision_transformer.ResPostBlock)
     with pytest.raises(ValueError, match="ResPostBlock"):
         et.patch(m)
+
+
+# ------------------------------------------------------------------ generator, torch.compile, autocast
+
+def test_generator_reproducible_and_leaves_global_rng():
+    m = et.patch(make("reg4"))
+    x, x2 = torch.randn(2, 3, IMG, IMG), torch.randn(2, 3, 32, 32)
+    state = torch.get_rng_state()
+    a = m(x, keep=0.5, generator=torch.Generator().manual_seed(7))
+    b = m(x, keep=0.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not consumed
+    assert torch.equal(a, b)
+    assert not torch.equal(a, m(x, keep=0.5, generator=torch.Generator().manual_seed(8)))
+    # the same draws as sample_keep with that generator
+    keep_idx, _ = sample_keep(2, 16, 0.5, generator=torch.Generator().manual_seed(7))
+    assert rel(a, timm_reference(m, x, keep_idx=keep_idx.view(2, 8))) < 1e-5
+    fa, cua = m.forward_features(x, keep=torch.tensor([3, 11]), generator=torch.Generator().manual_seed(1))
+    fb, cub = m.forward_features(x, keep=torch.tensor([3, 11]), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fa, fb) and torch.equal(cua, cub)
+    va = m.forward_views([x, x2], patch_sizes=[16, 8], keeps=[0.5, 0.25], generator=torch.Generator().manual_seed(3))
+    vb = m.forward_views([x, x2], patch_sizes=[16, 8], keeps=[0.5, 0.25], generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(p, q) for p, q in zip(va, vb))
+    with pytest.raises(ValueError, match="generator"):
+        m(x, keep=0.5, generator=7)
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+
+
+def test_torch_compile_packed_path_fullgraph():
+    """Ratio keep and forward_views trace as one graph (aot_eager: no C++ compiler needed);
+    forward and backward match eager.  Shapes are static (dynamic=False): every
+    (batch, image size, patch size, keep ratio) combination is its own graph."""
+    m = et.patch(make("reg4"))
+    x, x2 = torch.randn(2, 3, IMG, IMG), torch.randn(2, 3, 32, 32)
+
+    def step(model, a, b):
+        out = model(a, keep=0.5)
+        v1, v2 = model.forward_views([a, b], patch_sizes=[16, 8], keeps=[0.75, None])
+        return out, v1, v2
+
+    c = _compiled(lambda a, b: step(m, a, b))
+    for _ in range(2):  # second call: no retrace, fresh random keeps
+        seed = torch.seed()
+        eager = step(m, x, x2)
+        torch.manual_seed(seed)
+        comp = c(x, x2)
+        for e, o in zip(eager, comp):
+            assert o.shape == e.shape and rel(o, e) < 1e-5
+    m.zero_grad()
+    torch.manual_seed(0)
+    sum(t.square().sum() for t in step(m, x, x2)).backward()
+    ref_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    torch.manual_seed(0)
+    sum(t.square().sum() for t in c(x, x2)).backward()
+    for g_ref, p in zip(ref_grads, m.parameters()):
+        assert (p.grad - g_ref).norm() <= 1e-5 * g_ref.norm() + 1e-8
+
+
+def test_torch_compile_ragged_keep_graph_breaks():
+    """Count / explicit keeps read the sequence lengths on the host: not fullgraph,
+    but fullgraph=False runs (graph breaks) and matches eager."""
+    m = et.patch(make("tiny"))
+    x = torch.randn(2, 3, IMG, IMG)
+    keep_idx, cu = sample_keep(2, 16, torch.tensor([5, 9]))
+    eager = m(x, keep=(keep_idx, cu))
+    torch._dynamo.reset()
+    out = torch.compile(lambda a, i, c: m(a, keep=(i, c)), backend="aot_eager", fullgraph=False)(x, keep_idx, cu)
+    assert rel(out, eager) < 1e-5
+
+
+def test_autocast_bf16_cpu_packed_path():
+    m = et.patch(make("reg4"))
+    x, x2 = torch.randn(2, 3, IMG, IMG), torch.randn(2, 3, 32, 32)
+    keep_idx, cu = sample_keep(2, 16, torch.tensor([6, 16]))
+    ref = m(x, keep=(keep_idx, cu))
+    ref_views = m.forward_views([x, x2], patch_sizes=[8, 8], keeps=[(keep_idx, cu), None])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, keep=(keep_idx, cu))
+        views = m.forward_views([x, x2], patch_sizes=[8, 8], keeps=[(keep_idx, cu), None])
+    for o, r in zip([out, *views], [ref, *ref_views]):
+        assert torch.isfinite(o).all() and rel(o.float(), r) < 5e-2
+    out.float().sum().backward()  # backward under autocast-produced graph
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.patch_embed.proj.weight.grad is not None

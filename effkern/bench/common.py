@@ -109,14 +109,24 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_table(rows: Sequence[Row], title: str = "") -> str:
-    """A markdown table; peers' ratios become one column each (peer_ms / our_ms)."""
+def _fmt_extra(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, ".3g") if abs(value) < 1e4 else format(value, ".0f")
+    return str(value)
+
+
+def format_table(rows: Sequence[Row], title: str = "", extra_cols: Sequence[str] = ()) -> str:
+    """A markdown table; peers' ratios become one column each (peer_ms / our_ms);
+    ``extra_cols`` names ``Row.extra`` keys shown as further columns."""
     peers: list[str] = []
     for row in rows:
         for peer in row.ratios:
             if peer not in peers:
                 peers.append(peer)
-    header = ["shape", "impl", "dtype", "ms", "GB/s", "TFLOP/s", "% roof", "rel err"] + [f"vs {p}" for p in peers]
+    header = (["shape", "impl", "dtype", "ms", "GB/s", "TFLOP/s", "% roof", "rel err"] + [f"vs {p}" for p in peers]
+              + list(extra_cols))
     lines = []
     if title:
         lines.append(f"### {title}\n")
@@ -126,11 +136,13 @@ def format_table(rows: Sequence[Row], title: str = "") -> str:
         cells = [r.shape, r.impl, r.dtype, _fmt(r.ms, ".3f"), _fmt(r.gbps, ".1f"), _fmt(r.tflops, ".2f"),
                  _fmt(r.roofline_pct, ".1f"), _fmt(r.rel_err, ".1e")]
         cells += [(f"{r.ratios[p]:.2f}x" if p in r.ratios else "") for p in peers]
+        cells += [_fmt_extra(r.extra.get(k)) for k in extra_cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(path_stem: str, rows: Sequence[Row], env: dict, command: str, title: str) -> None:
+def write_results(path_stem: str, rows: Sequence[Row], env: dict, command: str, title: str,
+                  extra_cols: Sequence[str] = ()) -> None:
     """Write ``<stem>.json`` and ``<stem>.md`` (device, versions, date, command, table)."""
     os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
     with open(path_stem + ".json", "w") as f:
@@ -141,4 +153,4 @@ def write_results(path_stem: str, rows: Sequence[Row], env: dict, command: str, 
         f.write(f"- torch {env.get('torch')}, triton {env.get('triton')}, python {env.get('python')}, "
                 f"CPU threads {env.get('cpu_threads')}\n")
         f.write(f"- date: {env.get('date')}\n- command: `{command}`\n\n")
-        f.write(format_table(rows) + "\n")
+        f.write(format_table(rows, extra_cols=extra_cols) + "\n")

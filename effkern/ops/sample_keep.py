@@ -50,7 +50,10 @@ def sample_keep(batch: int, num_patches: int, keep: Union[float, torch.Tensor],
     dev = _device(device, generator, keep)
     if generator is not None and torch.device(generator.device).type != dev.type:
         raise ValueError(f"generator is on {generator.device} but device is {dev}")
-    scores = torch.rand((B, L), generator=generator, device=dev)
+    # no generator= kwarg when None: torch.rand(..., generator=None) does not trace with
+    # symbolic sizes under torch.compile(dynamic=True)
+    scores = (torch.rand((B, L), device=dev) if generator is None
+              else torch.rand((B, L), generator=generator, device=dev))
 
     if not isinstance(keep, torch.Tensor):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)):
