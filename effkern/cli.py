@@ -40,10 +40,17 @@ def _bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": _bench}
+    from effkern import cli_train
+
+    commands = {"bench": _bench, "train": cli_train.train_main, "schedule": cli_train.schedule_main,
+                "demo": cli_train.demo_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: effkern {bench} ...\n\n  bench NAME   microbenchmarks against peers "
-              "(effkern bench --help)", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        print("usage: effkern {train,bench,schedule,demo} ...\n\n"
+              "  train        train a ViT under a compute budget with a compression schedule\n"
+              "  bench NAME   microbenchmarks against peers (effkern bench --help)\n"
+              "  schedule     inspect schedules: effkern schedule show NAME\n"
+              "  demo         baseline vs accelerated MoCo v3 at the same budget (CPU, minutes)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])
 

@@ -1,0 +1,114 @@
+"""Named schedules: `get_schedule(spec)`.
+
+  none                     one stage, everything native
+  const:patch=P,keep=R[,keep_<branch>=R][,res=B][,m=M]
+                           one stage; every parameter optional
+  efficienttrain++         the EfficientTrain++ curriculum (Wang et al., TPAMI 2024):
+                           bandwidth B = 96/224 (progress < 0.2), 160/224 (< 0.6), then 1.0;
+                           RandAugment magnitude m = floor(10 * progress) clipped to 0..9
+                           (num_ops 2, mstd 0.5: applied by the trainer)
+  file:PATH                Schedule.from_json(open(PATH).read())
+"""
+
+from __future__ import annotations
+
+import math
+
+from effkern.schedules.stage import Schedule, Stage
+
+__all__ = ["PRESETS", "get_schedule", "efficienttrain_pp"]
+
+PRESETS: tuple[str, ...] = ("none", "const:...", "efficienttrain++", "file:PATH")
+
+# EfficientTrain++: low-pass bandwidth B (px at a 224 base) by progress.
+ETPP_BANDWIDTH: tuple[tuple[float, int], ...] = ((0.0, 96), (0.2, 160), (0.6, 224))
+ETPP_BASE = 224
+ETPP_RANDAUG_MSTD = 0.5
+
+
+def _unknown(spec: str) -> ValueError:
+    return ValueError(f"unknown schedule {spec!r}; valid: none, "
+                      "const:patch=P,keep=R[,keep_<branch>=R][,res=B][,m=M], efficienttrain++, file:PATH")
+
+
+def efficienttrain_pp() -> Schedule:
+    """Ten stages at progress 0.0, 0.1, ..., 0.9 combining the ET++ bandwidth and magnitude rules."""
+    stages = []
+    for i in range(10):
+        start = i / 10
+        px = [b for s, b in ETPP_BANDWIDTH if s <= start][-1]
+        stages.append((start, Stage(resolution=1.0 if px == ETPP_BASE else px / ETPP_BASE,
+                                    randaug_magnitude=i, name=f"B={px} m={i}")))
+    return Schedule("efficienttrain++", stages)
+
+
+def _parse_const(spec: str, body: str) -> Schedule:
+    patch = None
+    keep: dict[str, float] = {}
+    resolution = 1.0
+    m = None
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        if "=" not in item:
+            raise ValueError(f"const schedule parameter {item!r} needs a value (name=value)")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key == "patch":
+            try:
+                patch = int(value)
+            except ValueError:
+                raise ValueError(f"const schedule: patch must be an int >= 1, got {value!r}") from None
+            if patch < 1:
+                raise ValueError(f"const schedule: patch must be an int >= 1, got {value!r}")
+        elif key == "keep" or key.startswith("keep_"):
+            branch = "default" if key == "keep" else key[len("keep_"):]
+            if not branch:
+                raise ValueError(f"const schedule: {key!r} needs a branch name (keep_q=...)")
+            try:
+                ratio = float(value)
+            except ValueError:
+                ratio = float("nan")
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"const schedule: {key} must be in (0, 1], got {value!r}")
+            keep[branch] = ratio
+        elif key in ("res", "resolution"):
+            try:
+                resolution = float(value)
+            except ValueError:
+                resolution = float("nan")
+            if not 0.0 < resolution <= 1.0:
+                raise ValueError(f"const schedule: {key} must be in (0, 1], got {value!r}")
+        elif key == "m":
+            try:
+                m = int(value)
+            except ValueError:
+                m = -1
+            if m < 0:
+                raise ValueError(f"const schedule: m must be an int >= 0, got {value!r}")
+        else:
+            raise ValueError(f"const schedule: unknown parameter {key!r} "
+                             "(valid: patch, keep, keep_<branch>, res, m)")
+    stage = Stage(patch_size=patch, keep=tuple(keep.items()), resolution=resolution,
+                  randaug_magnitude=m, name="const")
+    return Schedule(spec, [(0.0, stage)])
+
+
+def get_schedule(spec: str) -> Schedule:
+    """The schedule named by `spec` (see the module docstring); ValueError otherwise."""
+    spec = spec.strip()
+    if spec == "none":
+        return Schedule("none", [(0.0, Stage(name="native"))])
+    if spec == "const" or spec.startswith("const:"):
+        return _parse_const(spec, spec[len("const:"):] if ":" in spec else "")
+    if spec.lower() in ("efficienttrain++", "et++", "etpp"):
+        return efficienttrain_pp()
+    if spec.startswith("file:"):
+        path = spec[len("file:"):]
+        if not path:
+            raise ValueError("file: schedule needs a path (file:PATH)")
+        with open(path) as f:
+            return Schedule.from_json(f.read())
+    raise _unknown(spec)
+
+
+def etpp_magnitude(progress: float) -> int:
+    """The ET++ rule itself, m = floor(10 * progress) clipped to 0..9 (for checks)."""
+    return min(max(math.floor(10 * progress), 0), 9)

@@ -1,0 +1,1 @@
+"""Thin trainer: methods, data, kNN eval, loop"""

@@ -1,0 +1,291 @@
+"""The training loop of ``effkern train``: budget-driven, schedule-driven, resumable.
+
+One step: the schedule's stage at the current progress (budget spent / budget)
+-> the views of the batch to the device, normalised (ET++: global views
+low-pass cropped with effkern.ops.fft_crop, which fuses the normalisation) ->
+``method.training_step`` (one packed forward per encoder) -> backward ->
+gradients averaged over ranks -> optimiser step with the LR of this progress ->
+``method.on_step_end`` (EMA) -> the step's cost in units is charged.  The run
+stops when the next step would exceed the budget (so spent <= budget, and the
+summary reports spent / budget).
+
+Determinism: the data order (per-epoch seeded shuffle), the augmentations
+(seeded per (epoch, index)), the token-dropout draws (a generator seeded per
+step) and the global RNG state are all in the checkpoint, so ``--resume``
+continues with exactly the losses an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from effkern.schedules import ModelCfg, ViewSpec, get_schedule, lr_at, step_cost
+from effkern.train import checkpoint as ckpt
+from effkern.train import ddp, dist
+from effkern.train.config import TrainConfig
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class Run:
+    """Everything a training run holds; built once, then ``train`` drives it."""
+
+    def __init__(self, cfg: TrainConfig):
+        import effkern.timm
+        from effkern.train.augment import RandAugmentMagnitude, view_transforms
+        from effkern.train.data import MultiViewDataset, load_dataset
+        from effkern.train.methods import build_method
+
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of ranks {self.world}")
+        self.local_batch = cfg.batch_size // self.world
+        torch.manual_seed(cfg.seed)
+        self.data = load_dataset(cfg.data, cfg.base_size, cfg.limit_train, cfg.limit_test, seed=cfg.seed)
+        kwargs = dict(pretrained=False, img_size=cfg.base_size, num_classes=self.data.num_classes)
+        kwargs.update(cfg.model_kwargs)
+        encoder = effkern.timm.create_model(cfg.model, **kwargs)
+        self.method = build_method(cfg.method, encoder, **cfg.method_kwargs).to(self.device)
+        self.model_cfg = ModelCfg.from_timm(encoder)
+        self.schedule = get_schedule(cfg.schedule)
+        self.plan = self.method.view_plan(cfg.base_size)
+        self.randaug = RandAugmentMagnitude()
+        self.dataset = MultiViewDataset(self.data.train_images, self.data.train_labels,
+                                        view_transforms(cfg.method, self.plan, randaug=self.randaug), seed=cfg.seed)
+        self.optimizer = torch.optim.AdamW(self.method.param_groups(cfg.weight_decay), lr=cfg.lr)
+        self.base_lr = cfg.lr * cfg.batch_size / 256
+        self.mean = torch.tensor(MEAN, device=self.device)
+        self.std = torch.tensor(STD, device=self.device)
+        self.budget = self._budget_units()
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "spent": 0.0, "wall": 0.0, "images": 0}
+        self.history: list[dict] = []
+        if cfg.resume:
+            self._load()
+        self.step_fn = self.method.training_step
+        if cfg.compile:
+            self.step_fn = torch.compile(self.method.training_step)
+
+    # ------------------------------------------------------------ budget
+    def step_cost(self, stage) -> float:
+        size = max(1, round(self.cfg.base_size * stage.resolution))
+        views = [ViewSpec(res, patch or self.model_cfg.patch_size, keep, grad)
+                 for res, patch, keep, grad in self.method.cost_views(size, stage)]
+        return step_cost(self.model_cfg, views, self.cfg.batch_size)
+
+    def _budget_units(self) -> float:
+        cfg = self.cfg
+        if (cfg.budget is None) == (cfg.epochs_equivalent is None):
+            raise ValueError("give exactly one of budget (millions of units) and epochs_equivalent")
+        if cfg.budget is not None:
+            if not cfg.budget > 0:
+                raise ValueError(f"budget must be > 0, got {cfg.budget}")
+            return cfg.budget * 1e6
+        if not cfg.epochs_equivalent > 0:
+            raise ValueError(f"epochs_equivalent must be > 0, got {cfg.epochs_equivalent}")
+        baseline = get_schedule("none").at(0.0)
+        steps_per_epoch = len(self.data.train_labels) // cfg.batch_size
+        return cfg.epochs_equivalent * steps_per_epoch * self.step_cost(baseline)
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.state["spent"] / self.budget)
+
+    # ------------------------------------------------------------ one step
+    def _prepare(self, views: list[torch.Tensor], stage) -> list[torch.Tensor]:
+        """uint8 views -> normalised float on the device; ET++ crops the global views."""
+        out = []
+        for view, plan in zip(views, self.plan):
+            view = view.to(self.device, non_blocking=True)
+            size = view.shape[-1]
+            if plan.kind == "global" and stage.resolution < 1.0:
+                size = max(1, round(size * stage.resolution))
+            if size != view.shape[-1] and self.cfg.et_crop == "fft":
+                out.append(_fft_crop_normalised(view, size, self.mean, self.std))
+                continue
+            x = (view.float() / 255.0 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+            if size != view.shape[-1]:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(x)
+        return out
+
+    def train_step(self, views, labels) -> dict:
+        cfg, stage = self.cfg, self.schedule.at(self.progress)
+        self.randaug.set(stage.randaug_magnitude)
+        lr = lr_at(self.progress, self.base_lr, warmup=cfg.warmup, min_lr=cfg.min_lr, kind=cfg.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.state["step"] * 7919
+                                                                   + self.rank)
+        self.method.on_progress(self.progress)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        with autocast:
+            loss, metrics = self.step_fn(self._prepare(views, stage), labels.to(self.device), stage, self.progress,
+                                         generator=generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ddp.all_reduce_grads_(self.method.parameters())
+        self.optimizer.step()
+        self.state["spent"] += self.step_cost(stage)
+        self.state["step"] += 1
+        self.method.on_step_end(self.progress)
+        # the method's own metrics are this rank's; the logged loss is the global-batch mean
+        return {**metrics, "loss": ddp.mean_over_ranks(loss.detach()), "lr": lr, "stage": stage.name}
+
+    # ------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        if self.rank != 0:
+            return
+        ckpt.save_atomic({"cfg": self.cfg.to_dict(), "state": dict(self.state), "method": self.method.state_dict(),
+                          "optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
+                          "history": self.history}, self.cfg.out_dir)
+
+    def _load(self) -> None:
+        saved = ckpt.load(self.cfg.out_dir, map_location=self.device)
+        if saved is None:
+            return
+        self.method.load_state_dict(saved["method"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state.update(saved["state"])
+        self.history = list(saved["history"])
+        ckpt.set_rng_state(saved["rng"])
+
+    # ------------------------------------------------------------ eval
+    @torch.no_grad()
+    def knn(self) -> float:
+        from effkern.train.knn import knn_accuracy
+
+        model = self.method.eval_encoder()
+        was_training = model.training
+        model.eval()
+        try:
+            acc = knn_accuracy(lambda x: model.forward_views([x])[0], self.data, MEAN, STD, self.device,
+                               k=self.cfg.knn_k, T=self.cfg.knn_t)
+        finally:
+            model.train(was_training)
+        return acc
+
+    # ------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        from effkern.train.data import make_loader
+
+        cfg = self.cfg
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if self.rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        bar = _progress_bar(cfg.progress_bar and self.rank == 0, self.state["spent"] / self.budget)
+        steps_this_process, done = 0, False
+        while not done:
+            loader = make_loader(self.dataset, self.local_batch, self.state["epoch"], cfg.seed, self.rank,
+                                 self.world, cfg.workers, start_batch=self.state["batch_in_epoch"])
+            for views, labels in loader:
+                stage = self.schedule.at(self.progress)
+                if self.state["spent"] + self.step_cost(stage) > self.budget * (1 + 1e-9):
+                    done = True
+                    break
+                t0 = time.perf_counter()
+                record = self.train_step(views, labels)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.state["wall"] += dt
+                self.state["images"] += cfg.batch_size
+                self.state["batch_in_epoch"] += 1
+                steps_this_process += 1
+                record.update(step=self.state["step"], epoch=self.state["epoch"], progress=self.progress,
+                              spent=self.state["spent"], images_per_s=cfg.batch_size / dt)
+                self.history.append({"step": record["step"], "spent": record["spent"], "loss": record["loss"]})
+                if self.rank == 0 and (self.state["step"] % max(1, cfg.log_every) == 0 or self.state["step"] == 1):
+                    _append_jsonl(metrics_path, record)
+                bar(self.progress, record)
+                if cfg.eval_every and self.state["step"] % cfg.eval_every == 0:
+                    acc = self.knn()
+                    self.history.append({"step": self.state["step"], "spent": self.state["spent"], "knn": acc})
+                    if self.rank == 0:
+                        _append_jsonl(metrics_path, {"step": self.state["step"], "spent": self.state["spent"],
+                                                     "progress": self.progress, "knn_acc": acc})
+                if cfg.ckpt_every and self.state["step"] % cfg.ckpt_every == 0:
+                    self._save()
+                if cfg.stop_after_steps is not None and steps_this_process >= cfg.stop_after_steps:
+                    bar(None, None)
+                    self._save()
+                    return {"stopped_early": True, **self.state}
+            else:
+                self.state["epoch"] += 1
+                self.state["batch_in_epoch"] = 0
+        bar(None, None)
+        acc = self.knn()
+        self.history.append({"step": self.state["step"], "spent": self.state["spent"], "knn": acc})
+        self._save()
+        summary = {"method": cfg.method, "schedule": cfg.schedule, "budget_units": self.budget,
+                   "spent_units": self.state["spent"], "budget_used": self.state["spent"] / self.budget,
+                   "steps": self.state["step"], "wall_s": self.state["wall"],
+                   "images_per_s": self.state["images"] / max(self.state["wall"], 1e-9), "knn_acc": acc}
+        if self.rank == 0:
+            _append_jsonl(metrics_path, {"final": True, **summary})
+            with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            from effkern.train.report import write_plots
+
+            write_plots(cfg.out_dir, self.history, self.schedule, self.budget)
+        return summary
+
+
+def _fft_crop_normalised(view: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    from effkern.ops import fft_crop
+
+    return fft_crop(view, size, mean=mean, std=std)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                            for k, v in record.items()}) + "\n")
+
+
+def _progress_bar(enabled: bool, start: float):
+    """A tqdm bar over budget progress (0..100 %): images/s, stage, loss."""
+    if not enabled:
+        return lambda progress, record: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=100.0, initial=round(100 * start, 2), unit="%", bar_format="{l_bar}{bar}| {n:.1f}/100% "
+               "[{elapsed}<{remaining}{postfix}]")
+
+    def update(progress, record):
+        if progress is None:
+            bar.close()
+            return
+        bar.update(round(100 * progress, 2) - bar.n)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", stage=record.get("stage") or "-",
+                        img_s=f"{record['images_per_s']:.0f}")
+
+    return update
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one training run; returns the summary."""
+    started = ddp.init_from_env(cfg.device)
+    try:
+        return Run(cfg).train()
+    finally:
+        if started:
+            ddp.destroy()

@@ -1,0 +1,212 @@
+"""DINO (Caron et al. 2021; facebookresearch/dino defaults).
+
+student = encoder + DINOHead (MLP D -> hidden -> hidden -> bottleneck with GELU,
+l2-normalised bottleneck, weight-normalised last layer bottleneck -> out_dim, weight_g
+fixed to 1 with ``norm_last_layer``); teacher = EMA copy (momentum 0.996 -> 1, cosine),
+kept in eval mode (no drop path, as the official teacher built without it), full
+tokens unless ``teacher_branch`` names a schedule branch.  Multi-crop: 2 global views
+(base_size) + ``n_local`` local views (round(96/224 * base_size)); the teacher sees the
+2 global views.  Loss: mean over (teacher global i, student view j != i) of
+CE(softmax((t_i - center) / tt), log_softmax(s_j / ts)); center EMA (0.9) of the
+all-reduced teacher batch mean; tt warms up linearly 0.04 -> 0.07 over the first
+``warmup_teacher_temp`` fraction of progress.  The last layer is frozen while
+progress < ``freeze_last_layer`` (official ``cancel_gradients_last_layer``): its
+gradient is exactly zero (not None, so DDP needs no ``find_unused_parameters`` and
+its parameters keep ``requires_grad``); with AdamW the update stays 0 (moments start at
+0) and weight decay on ``weight_v`` does not change the weight-normalised layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import dist
+from .base import Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, stage_keep, stage_patch
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free Linear with weight = g * v / ||v|| (per output row), as
+    ``nn.utils.weight_norm(nn.Linear(in, out, bias=False))`` (dim=0); g starts at 1 and
+    is frozen when ``fixed_g`` (DINO ``norm_last_layer=True``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, fixed_g: bool = True):
+        super().__init__()
+        w = torch.empty(out_dim, in_dim)
+        nn.init.kaiming_uniform_(w, a=5 ** 0.5)  # nn.Linear's init
+        self.weight_v = nn.Parameter(w)
+        self.weight_g = nn.Parameter(torch.ones(out_dim), requires_grad=not fixed_g)
+        self.grad_frozen = False  # True: forward as usual, zero gradient to v and g
+
+    @property
+    def weight(self) -> Tensor:
+        v, g = self.weight_v, self.weight_g
+        if self.grad_frozen:
+            v, g = v.detach() + 0 * v, g.detach() + 0 * g
+        return g[:, None] * v / v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class DINOHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+            for _ in range(nlayers - 2):
+                layers.append(nn.Linear(hidden_dim, hidden_dim))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_g=norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
+
+
+def teacher_temp_at(progress: float, start: float, end: float, warmup: float) -> float:
+    """Linear start -> end over progress in [0, warmup], then end."""
+    if warmup <= 0:
+        return end
+    f = min(max(float(progress) / warmup, 0.0), 1.0)
+    return start + (end - start) * f
+
+
+def dino_loss(student_out: list[Tensor], teacher_out: list[Tensor], center: Tensor,
+              teacher_temp: float, student_temp: float) -> Tensor:
+    """Mean over pairs (i, j), i != j, of mean_batch sum_k -softmax((t_i - c)/tt)_k log_softmax(s_j/ts)_k.
+    student_out: one (B, K) tensor per view (globals first); teacher_out: one per global view."""
+    t = [F.softmax((ti.float() - center) / teacher_temp, dim=-1).detach() for ti in teacher_out]
+    s = [F.log_softmax(sj.float() / student_temp, dim=-1) for sj in student_out]
+    total, n = 0.0, 0
+    for i, ti in enumerate(t):
+        for j, sj in enumerate(s):
+            if i == j:
+                continue
+            total = total + torch.sum(-ti * sj, dim=-1).mean()
+            n += 1
+    return total / n
+
+
+class DINO(Method):
+    name = "dino"
+    DEFAULTS = dict(
+        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3, use_bn_in_head=False,
+        norm_last_layer=True,
+        momentum_start=0.996,
+        warmup_teacher_temp_start=0.04, teacher_temp=0.07, warmup_teacher_temp=0.3,  # fraction of progress
+        student_temp=0.1, center_momentum=0.9,
+        n_local=8, local_size=None,           # None -> round(96 / 224 * base_size)
+        freeze_last_layer=0.01,                # fraction of progress (official: 1 of 100 epochs)
+        teacher_branch=None,                   # schedule branch for the teacher's keep; None -> full tokens
+        eval_teacher=True,                     # kNN on the teacher backbone (official eval_knn default)
+    )
+
+    def __init__(self, encoder: nn.Module, **hparams):
+        super().__init__(encoder, **hparams)
+        hp = self.hp
+        self.head = DINOHead(encoder.num_features, hp["out_dim"], hp["hidden_dim"], hp["bottleneck_dim"],
+                             hp["nlayers"], hp["use_bn_in_head"], hp["norm_last_layer"])
+        self.teacher = frozen_copy(encoder)
+        self.teacher_head = frozen_copy(self.head)
+        self.teacher.eval()
+        self.teacher_head.eval()
+        self.register_buffer("center", torch.zeros(1, hp["out_dim"]))
+        self.momentum = cosine_momentum(hp["momentum_start"], 0.0)
+        self.on_progress(0.0)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        self.teacher_head.eval()
+        return self
+
+    # --- schedules ---
+    def momentum_at(self, progress: float) -> float:
+        return cosine_momentum(self.hp["momentum_start"], progress)
+
+    def teacher_temp_at(self, progress: float) -> float:
+        hp = self.hp
+        return teacher_temp_at(progress, hp["warmup_teacher_temp_start"], hp["teacher_temp"], hp["warmup_teacher_temp"])
+
+    def last_layer_frozen(self, progress: float) -> bool:
+        return float(progress) < self.hp["freeze_last_layer"]
+
+    def on_progress(self, progress: float) -> None:
+        self.head.last_layer.grad_frozen = self.last_layer_frozen(progress)
+
+    # --- views ---
+    def local_size(self, base_size: int) -> int:
+        ls = self.hp["local_size"]
+        return int(ls) if ls is not None else int(round(96 / 224 * base_size))
+
+    def view_plan(self, base_size: int) -> list[ViewPlan]:
+        g = [ViewPlan("global", base_size, "global")] * 2
+        self._plan_local_size = self.local_size(base_size)  # locals keep this size when globals shrink
+        loc = [ViewPlan("local", self._plan_local_size, "local")] * self.hp["n_local"]
+        return g + loc
+
+    def cost_views(self, base_size, stage):
+        """2 global at ``base_size`` (the loop passes the stage-scaled size) + the local
+        views at the size of the last :meth:`view_plan` (the loop only shrinks global views;
+        before any view_plan call: from ``base_size``) with grad, + 2 teacher passes."""
+        p = stage_patch(stage)
+        ls = getattr(self, "_plan_local_size", None) or self.local_size(base_size)
+        student = ([(base_size, p, stage_keep(stage, "global"), True)] * 2
+                   + [(ls, p, stage_keep(stage, "local"), True)] * self.hp["n_local"])
+        kt = stage_keep(stage, self.hp["teacher_branch"])
+        return student + [(base_size, p, kt, False)] * 2
+
+    # --- step ---
+    def training_step(self, views, labels, stage, progress, generator=None):
+        n = 2 + self.hp["n_local"]
+        self._check_views(views, n)
+        self.on_progress(progress)
+        branches = ["global"] * 2 + ["local"] * self.hp["n_local"]
+        feats = self._run(self.encoder, views, stage, branches, generator)
+        B = feats[0].shape[0]
+        s_all = self.head(torch.cat(feats, dim=0))
+        student_out = list(s_all.split(B, dim=0))
+        with torch.no_grad():
+            tf = self._run(self.teacher, views[:2], stage, [self.hp["teacher_branch"]] * 2, generator)
+            t_all = self.teacher_head(torch.cat(tf, dim=0))
+        teacher_out = list(t_all.split(B, dim=0))
+        tt = self.teacher_temp_at(progress)
+        loss = dino_loss(student_out, teacher_out, self.center, tt, self.hp["student_temp"])
+        self.update_center(t_all)
+        return loss, {"loss": float(loss.detach()), "teacher_temp": tt, "momentum": self.momentum_at(progress)}
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: Tensor) -> None:
+        batch_center = teacher_output.float().mean(dim=0, keepdim=True)
+        dist.all_reduce_mean_(batch_center)
+        cm = self.hp["center_momentum"]
+        self.center.mul_(cm).add_(batch_center, alpha=1 - cm)
+
+    def on_step_end(self, progress: float) -> None:
+        m = self.momentum_at(progress)
+        ema_update_(list(self.teacher.parameters()) + list(self.teacher_head.parameters()),
+                    list(self.encoder.parameters()) + list(self.head.parameters()), m)
+        self.momentum = m
+
+    def eval_encoder(self) -> nn.Module:
+        return self.teacher if self.hp["eval_teacher"] else self.encoder
+
+    def trainable_named_parameters(self):
+        skip = ("teacher.", "teacher_head.")
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith(skip)]

@@ -1,0 +1,143 @@
+"""The training loop: budget accounting and stop, exact resume (also after kill -9),
+2-process gloo data parallelism equal to one process, CLI errors.
+
+Runs on scikit-learn's digits (8x8, resized to 16 px) with a one-block ViT so the
+whole file takes well under a minute on 2 cores."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from effkern.train.config import TrainConfig
+from effkern.train.loop import Run, train
+
+
+def tiny_cfg(tmp_path, name="run", **overrides) -> TrainConfig:
+    cfg = TrainConfig(method="mocov3", model="vit_tiny_patch16_224",
+                      model_kwargs={"depth": 1, "patch_size": 4, "embed_dim": 64, "num_heads": 2},
+                      method_kwargs={"mlp_dim": 32, "out_dim": 16}, data="digits", base_size=16,
+                      limit_train=256, limit_test=128, epochs_equivalent=1.0, batch_size=32, lr=1e-3,
+                      out_dir=str(tmp_path / name), progress_bar=False, log_every=1)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def losses(out_dir) -> list[float]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_budget_is_charged_and_never_exceeded(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    summary = train(cfg)
+    assert summary["steps"] == 256 // 32  # one epoch-equivalent of the baseline = one epoch of steps
+    assert summary["budget_used"] == pytest.approx(1.0, rel=1e-9)
+    assert 0.0 <= summary["knn_acc"] <= 1.0
+    assert os.path.exists(os.path.join(cfg.out_dir, "training.png"))
+
+
+def test_compressed_schedule_takes_more_steps_for_the_same_budget(tmp_path):
+    base = train(tiny_cfg(tmp_path, "base"))
+    fast = train(tiny_cfg(tmp_path, "fast", schedule="const:keep=0.5"))
+    assert fast["steps"] > base["steps"]
+    assert fast["spent_units"] <= fast["budget_units"] * (1 + 1e-9)
+
+
+def test_budget_in_units_matches_the_cost_model(tmp_path):
+    cfg = tiny_cfg(tmp_path, epochs_equivalent=None, budget=1e-3)  # 1000 units
+    run = Run(cfg)
+    per_step = run.step_cost(run.schedule.at(0.0))
+    # MoCo v3: 2 views through the base encoder (fwd+bwd = 3 units) + 2 momentum forwards (1 unit)
+    assert per_step == pytest.approx(32 * (2 * 3 + 2 * 1), rel=1e-6)
+    summary = run.train()
+    assert summary["steps"] == int(1000 // per_step)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = tiny_cfg(tmp_path, "full")
+    train(full)
+    part = tiny_cfg(tmp_path, "part", stop_after_steps=3)
+    assert train(part)["stopped_early"]
+    resumed = tiny_cfg(tmp_path, "part", resume=True)
+    train(resumed)
+    assert losses(resumed.out_dir) == pytest.approx(losses(full.out_dir), rel=1e-6, abs=1e-7)
+
+
+def _cli(args, out_dir, **kw):
+    cmd = [sys.executable, "-m", "effkern", "train", "--method", "mocov3", "--data", "digits", "--base-size", "16",
+           "--limit-train", "256", "--limit-test", "64", "--batch-size", "32", "--epochs-equivalent", "2",
+           "--model-arg", "depth=1", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=64",
+           "--model-arg", "num_heads=2", "--method-arg", "mlp_dim=32", "--method-arg", "out_dim=16",
+           "--log-every", "1", "--no-progress", "--out", str(out_dir)] + args
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    ref = _cli([], tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    victim = _cli(["--ckpt-every", "2"], tmp_path / "victim")
+    ckpt = tmp_path / "victim" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["state"]["step"] >= 2
+    resumed = _cli(["--ckpt-every", "2", "--resume"], tmp_path / "victim")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    ref_summary = json.load(open(tmp_path / "ref" / "summary.json"))
+    new_summary = json.load(open(tmp_path / "victim" / "summary.json"))
+    assert new_summary["steps"] == ref_summary["steps"]
+    # the steps after the checkpoint are recomputed with the same data and randomness
+    assert losses(tmp_path / "victim")[-1] == pytest.approx(losses(tmp_path / "ref")[-1], rel=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_dict, result_path):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    summary = train(TrainConfig.from_dict(cfg_dict))
+    if rank == 0:
+        with open(result_path, "w") as f:
+            json.dump(summary, f)
+
+
+def test_two_process_gloo_matches_one_process_on_the_same_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    overrides = dict(method="supervised", method_kwargs={}, model_kwargs={"depth": 1, "patch_size": 4,
+                     "embed_dim": 64, "num_heads": 2, "drop_path_rate": 0.0})
+    single = tiny_cfg(tmp_path, "single", **overrides)
+    train(single)
+    multi = tiny_cfg(tmp_path, "multi", **overrides)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), multi.to_dict(), str(tmp_path / "ddp.json")), nprocs=2, join=True)
+    assert losses(multi.out_dir) == pytest.approx(losses(single.out_dir), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--method", "byol"], "mocov3"),
+    (["--schedule", "fastest"], "efficienttrain"),
+    (["--data", "imagenet-not-here"], "fashion-mnist"),
+    (["--budget", "0"], "budget"),
+    (["--budget", "-1"], "budget"),
+])
+def test_cli_errors_are_clear(args, match):
+    out = subprocess.run([sys.executable, "-m", "effkern", "train", *args], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert match in out.stderr
