@@ -69,6 +69,8 @@ def train_parser(prog: str = "effkern train") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--calibration", default=None, help="JSON from `effkern schedule calibrate`: charge measured "
+                   "instead of FLOP-predicted cost ratios")
     return p
 
 
@@ -96,7 +98,8 @@ def config_from_args(args):
         et_crop=args.et_crop, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup=args.warmup, lr_schedule=args.lr_schedule, device=args.device, seed=args.seed,
         workers=args.workers, out_dir=args.out, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
-        log_every=args.log_every, resume=args.resume, compile=args.compile, progress_bar=not args.no_progress)
+        log_every=args.log_every, resume=args.resume, compile=args.compile, progress_bar=not args.no_progress,
+        calibration=args.calibration)
 
 
 def train_main(argv: list[str]) -> int:
@@ -128,7 +131,18 @@ def schedule_main(argv: list[str]) -> int:
     show.add_argument("--model", default="vit_tiny_patch16_224")
     show.add_argument("--base-size", type=int, default=224)
     show.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    cal = sub.add_parser("calibrate", help="measure this device's time per cost unit for patch sizes x keeps "
+                         "(a JSON file for effkern train --calibration)")
+    cal.add_argument("--model", default="vit_tiny_patch16_224")
+    cal.add_argument("--base-size", type=int, default=224)
+    cal.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--batch", type=int, default=8)
+    cal.add_argument("--repeat", type=int, default=3)
+    cal.add_argument("--out", default="calibration.json")
     args = p.parse_args(argv)
+    if args.cmd == "calibrate":
+        return _calibrate(args)
     import effkern.timm
     from effkern.schedules import ModelCfg, describe, get_schedule
     from effkern.train.methods import build_method
@@ -137,7 +151,7 @@ def schedule_main(argv: list[str]) -> int:
         schedule = get_schedule(args.name)
         encoder = effkern.timm.create_model(args.model, pretrained=False, img_size=args.base_size,
                                             **_kv(args.model_arg, "--model-arg"))
-        method = build_method(args.method, encoder, **(DEMO_METHOD_KWARGS if args.method != "dino" else {}))
+        method = build_method(args.method, encoder)
     except ValueError as exc:
         p.error(str(exc))
     cfg = ModelCfg.from_timm(encoder)
@@ -148,6 +162,26 @@ def schedule_main(argv: list[str]) -> int:
         return [ViewSpec(r, patch or cfg.patch_size, keep, grad) for r, patch, keep, grad in method.cost_views(size, stage)]
 
     print(describe(schedule, cfg, views_fn))
+    return 0
+
+
+def _calibrate(args) -> int:
+    import torch
+
+    import effkern.timm
+    from effkern.schedules import Calibration, ModelCfg, calibrate
+
+    model = effkern.timm.create_model(args.model, pretrained=False, img_size=args.base_size,
+                                      **_kv(args.model_arg, "--model-arg")).to(args.device)
+    cfg = ModelCfg.from_timm(model)
+    p = cfg.patch_size
+    settings = [(args.base_size, patch, keep) for patch in (p, 2 * p) if args.base_size % patch == 0
+                for keep in (1.0, 0.5, 0.25)]
+    factors = calibrate(model, torch.device(args.device), settings, repeat=args.repeat, batch=args.batch)
+    Calibration(device=args.device, factors=factors).save(args.out)
+    for key, value in factors.items():
+        print(f"{key:>24}  measured/predicted {value:.3f}")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -5,6 +5,7 @@ Runs on scikit-learn's digits (8x8, resized to 16 px) with a one-block ViT so th
 whole file takes well under a minute on 2 cores."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -141,3 +142,32 @@ def test_cli_errors_are_clear(args, match):
     out = subprocess.run([sys.executable, "-m", "effkern", "train", *args], capture_output=True, text=True)
     assert out.returncode == 2
     assert match in out.stderr
+
+
+@pytest.mark.parametrize("method, schedule, et_crop", [
+    ("simclr", "efficienttrain++", "fft"),
+    ("dino", "const:keep=0.5", "fft"),
+    ("supervised", "efficienttrain++", "resize"),
+    ("mocov3", "const:patch=8,keep_q=0.5,keep_k=0.75", "fft"),
+])
+def test_every_method_trains_under_a_schedule(tmp_path, method, schedule, et_crop):
+    kwargs = {"mocov3": {"mlp_dim": 32, "out_dim": 16}, "simclr": {"hidden_dim": 32, "out_dim": 16}}.get(method, {})
+    if method == "dino":
+        kwargs = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "n_local": 2}
+    cfg = tiny_cfg(tmp_path, method=method, method_kwargs=kwargs, schedule=schedule, et_crop=et_crop,
+                   epochs_equivalent=0.5)
+    summary = train(cfg)
+    assert summary["steps"] >= 4 and math.isfinite(summary["knn_acc"])
+    assert all(math.isfinite(x) for x in losses(cfg.out_dir))
+
+
+def test_calibration_scales_the_charged_cost(tmp_path):
+    from effkern.schedules import Calibration
+    from effkern.schedules.cost import _key
+
+    path = str(tmp_path / "cal.json")
+    Calibration(device="cpu", factors={_key(16, 4, 1.0): 2.0}).save(path)
+    plain = Run(tiny_cfg(tmp_path, "plain"))
+    calibrated = Run(tiny_cfg(tmp_path, "cal", calibration=path))
+    stage = plain.schedule.at(0.0)
+    assert calibrated.step_cost(stage) == pytest.approx(2 * plain.step_cost(stage))

@@ -21,6 +21,7 @@ class TrainConfig:
     epochs_equivalent: float | None = None  # budget = this many epochs of the uncompressed baseline
     schedule: str = "none"
     et_crop: str = "fft"             # ET++ low-frequency crop on the device ("fft") or by down-sampling ("resize")
+    calibration: str | None = None   # JSON of `effkern schedule calibrate`: measured cost ratios per setting
     # optimisation
     batch_size: int = 64             # global batch (split over ranks)
     lr: float = 1.5e-4               # per 256 images (scaled linearly with the global batch)

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from effkern.schedules import ModelCfg, ViewSpec, get_schedule, lr_at, step_cost
+from effkern.schedules import Calibration, ModelCfg, ViewSpec, get_schedule, lr_at, view_cost
 from effkern.train import checkpoint as ckpt
 from effkern.train import ddp, dist
 from effkern.train.config import TrainConfig
@@ -57,6 +57,7 @@ class Run:
         self.method = build_method(cfg.method, encoder, **cfg.method_kwargs).to(self.device)
         self.model_cfg = ModelCfg.from_timm(encoder)
         self.schedule = get_schedule(cfg.schedule)
+        self.calibration = Calibration.load(cfg.calibration) if cfg.calibration else Calibration()
         self.plan = self.method.view_plan(cfg.base_size)
         self.randaug = RandAugmentMagnitude()
         self.dataset = MultiViewDataset(self.data.train_images, self.data.train_labels,
@@ -75,11 +76,21 @@ class Run:
             self.step_fn = torch.compile(self.method.training_step)
 
     # ------------------------------------------------------------ budget
+    def global_size(self, size: int, stage) -> int:
+        """The ET++ crop size of a global view: size * resolution, in whole patches."""
+        if stage.resolution >= 1.0:
+            return size
+        p = stage.patch_size or self.model_cfg.patch_size
+        return max(p, round(size * stage.resolution / p) * p)
+
     def step_cost(self, stage) -> float:
-        size = max(1, round(self.cfg.base_size * stage.resolution))
+        size = self.global_size(self.cfg.base_size, stage)
         views = [ViewSpec(res, patch or self.model_cfg.patch_size, keep, grad)
                  for res, patch, keep, grad in self.method.cost_views(size, stage)]
-        return step_cost(self.model_cfg, views, self.cfg.batch_size)
+        # FLOP-predicted cost per view, times the device's measured/predicted ratio when calibrated
+        return self.cfg.batch_size * sum(view_cost(self.model_cfg, v)
+                                         * self.calibration.factor(v.resolution, v.patch_size, v.keep)
+                                         for v in views)
 
     def _budget_units(self) -> float:
         cfg = self.cfg
@@ -105,9 +116,7 @@ class Run:
         out = []
         for view, plan in zip(views, self.plan):
             view = view.to(self.device, non_blocking=True)
-            size = view.shape[-1]
-            if plan.kind == "global" and stage.resolution < 1.0:
-                size = max(1, round(size * stage.resolution))
+            size = self.global_size(view.shape[-1], stage) if plan.kind == "global" else view.shape[-1]
             if size != view.shape[-1] and self.cfg.et_crop == "fft":
                 out.append(_fft_crop_normalised(view, size, self.mean, self.std))
                 continue

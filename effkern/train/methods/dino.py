@@ -111,7 +111,7 @@ class DINO(Method):
         momentum_start=0.996,
         warmup_teacher_temp_start=0.04, teacher_temp=0.07, warmup_teacher_temp=0.3,  # fraction of progress
         student_temp=0.1, center_momentum=0.9,
-        n_local=8, local_size=None,           # None -> round(96 / 224 * base_size)
+        n_local=8, local_size=None,           # None -> 96/224 of base_size, rounded to whole patches
         freeze_last_layer=0.01,                # fraction of progress (official: 1 of 100 epochs)
         teacher_branch=None,                   # schedule branch for the teacher's keep; None -> full tokens
         eval_teacher=True,                     # kNN on the teacher backbone (official eval_knn default)
@@ -153,7 +153,11 @@ class DINO(Method):
     # --- views ---
     def local_size(self, base_size: int) -> int:
         ls = self.hp["local_size"]
-        return int(ls) if ls is not None else int(round(96 / 224 * base_size))
+        if ls is not None:
+            return int(ls)
+        # 96/224 of the base size (DINO's 96 px at 224), rounded to whole native patches
+        p = self.encoder.patch_embed.patch_size[0]
+        return max(p, int(round(96 / 224 * base_size / p)) * p)
 
     def view_plan(self, base_size: int) -> list[ViewPlan]:
         g = [ViewPlan("global", base_size, "global")] * 2
