@@ -122,6 +122,7 @@ setup(
     description="Kernels, timm drop-ins and a thin trainer for cheap ViT pretraining "
                 "(token dropout, flexible patch size, Fourier low-frequency crop).",
     packages=find_packages(include=["effkern", "effkern.*"]),
+    package_data={"effkern.schedules": ["aaip/*.json"]},
     python_requires=">=3.11",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={

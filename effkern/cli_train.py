@@ -32,12 +32,12 @@ def _kv(items: list[str], what: str) -> dict:
     return out
 
 
-def train_parser(prog: str = "effkern train") -> argparse.ArgumentParser:
+def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse.ArgumentParser:
     from effkern.schedules import PRESETS
     from effkern.train.methods import METHODS
 
-    p = argparse.ArgumentParser(prog=prog, description="Train a ViT (MoCo v3 / SimCLR / DINO / supervised) "
-                                "under a compute budget with scheduled input compression.")
+    p = argparse.ArgumentParser(prog=prog, add_help=add_help, description="Train a ViT (MoCo v3 / SimCLR / DINO "
+                                "/ supervised) under a compute budget with scheduled input compression.")
     p.add_argument("--method", default="mocov3", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (randomly initialised)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model kwarg")
@@ -140,9 +140,27 @@ def schedule_main(argv: list[str]) -> int:
     cal.add_argument("--batch", type=int, default=8)
     cal.add_argument("--repeat", type=int, default=3)
     cal.add_argument("--out", default="calibration.json")
+    srch = sub.add_parser("search", parents=[train_parser(add_help=False)], conflict_handler="resolve",
+                          help="AAIP: CA-MSE of candidate compressions at checkpoints of a reference run "
+                               "-> a schedule JSON (docs/schedules_search.md)")
+    srch.add_argument("--checkpoints", default="0,0.25,0.5,0.75,1",
+                      help="progress points; the reference run (schedule none, same budget) is trained "
+                           "and checkpointed there, or give PROGRESS:PATH pairs of existing checkpoints")
+    srch.add_argument("--patch-sizes", type=int, nargs="+", default=None, help="default: native, 2x native")
+    srch.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    srch.add_argument("--n-batches", type=int, default=4)
+    srch.add_argument("--repeats", type=int, default=3)
+    srch.add_argument("--name", default=None, help="schedule name (default aaip-METHOD)")
+    srch.add_argument("--n", type=float, default=1.0, help="CA-MSE = bias^2 + cost * Var / n: the number of "
+                      "baseline minibatches the comparison is made at (larger n favours unbiased strategies)")
     args = p.parse_args(argv)
     if args.cmd == "calibrate":
         return _calibrate(args)
+    if args.cmd == "search":
+        try:
+            return _search(args)
+        except (ValueError, FileNotFoundError) as exc:
+            srch.error(str(exc))
     import effkern.timm
     from effkern.schedules import ModelCfg, describe, get_schedule
     from effkern.train.methods import build_method
@@ -162,6 +180,60 @@ def schedule_main(argv: list[str]) -> int:
         return [ViewSpec(r, patch or cfg.patch_size, keep, grad) for r, patch, keep, grad in method.cost_views(size, stage)]
 
     print(describe(schedule, cfg, views_fn))
+    return 0
+
+
+def _search(args) -> int:
+    """Reference run checkpointed at the progress points (exact resume makes the pieces one
+    run), then the CA-MSE search over the candidate grid at each checkpoint."""
+    import dataclasses
+    import shutil
+
+    from effkern.schedules.search import candidate_grid, search
+    from effkern.train.loop import Run, train
+
+    args.schedule = "none"
+    cfg = config_from_args(args)
+    cfg.progress_bar = False
+    out = args.out
+    points, given = [], {}
+    for item in args.checkpoints.split(","):
+        prog, _, path = item.partition(":")
+        points.append(float(prog))
+        if path:
+            given[float(prog)] = path
+    if any(not 0.0 <= q <= 1.0 for q in points):
+        raise ValueError(f"--checkpoints progress points must be in [0, 1], got {points}")
+    checkpoints = []
+    ref_dir = os.path.join(out, "reference")
+    ref = dataclasses.replace(cfg, out_dir=ref_dir, eval_every=0)
+    probe = Run(ref)
+    total_steps = int(probe.budget // probe.step_cost(probe.schedule.at(0.0)))
+    done = 0
+    for q in sorted(points):
+        if q in given:
+            checkpoints.append((q, given[q]))
+            continue
+        if q == 0.0:
+            checkpoints.append((0.0, None))
+            continue
+        target = max(1, round(q * total_steps))
+        if target > done:
+            train(dataclasses.replace(ref, stop_after_steps=target - done, resume=done > 0))
+            done = target
+        path = os.path.join(ref_dir, f"checkpoint_p{q:g}.pt")
+        shutil.copyfile(os.path.join(ref_dir, "checkpoint.pt"), path)
+        checkpoints.append((q, path))
+    patch = probe.model_cfg.patch_size
+    patch_sizes = args.patch_sizes or [patch, 2 * patch]
+    # one keep ratio for every branch (views and momentum/teacher passes alike)
+    candidates = candidate_grid(patch_sizes, args.keeps, branches=("default",), tied=True)
+    schedule = search(lambda: Run(dataclasses.replace(cfg, out_dir=os.path.join(out, "scratch"))), checkpoints,
+                      candidates, n_batches=args.n_batches, repeats=args.repeats, seed=args.seed,
+                      out_dir=out, name=args.name or f"aaip-{args.method}", n=args.n)
+    print(open(os.path.join(out, "search.md")).read())
+    path = os.path.join(out, "schedule.json")
+    print(f"schedule {schedule.name!r}: {path}  (use: effkern train --schedule file:{path})")
     return 0
 
 

@@ -13,12 +13,19 @@
 from __future__ import annotations
 
 import math
+import os
 
 from effkern.schedules.stage import Schedule, Stage
 
 __all__ = ["PRESETS", "get_schedule", "efficienttrain_pp"]
 
-PRESETS: tuple[str, ...] = ("none", "const:...", "efficienttrain++", "file:PATH")
+# AAIP schedules derived by `effkern schedule search` (docs/schedules.md: procedure and values;
+# effkern's own derivation on Fashion-MNIST -- the paper's exact schedules are unpublished).
+AAIP_DIR = os.path.join(os.path.dirname(__file__), "aaip")
+AAIP_PRESETS: tuple[str, ...] = tuple(sorted(f[:-5] for f in os.listdir(AAIP_DIR) if f.endswith(".json"))) \
+    if os.path.isdir(AAIP_DIR) else ()
+
+PRESETS: tuple[str, ...] = ("none", "const:...", "efficienttrain++") + AAIP_PRESETS + ("file:PATH",)
 
 # EfficientTrain++: low-pass bandwidth B (px at a 224 base) by progress.
 ETPP_BANDWIDTH: tuple[tuple[float, int], ...] = ((0.0, 96), (0.2, 160), (0.6, 224))
@@ -27,8 +34,9 @@ ETPP_RANDAUG_MSTD = 0.5
 
 
 def _unknown(spec: str) -> ValueError:
+    aaip = "".join(f"{name}, " for name in AAIP_PRESETS)
     return ValueError(f"unknown schedule {spec!r}; valid: none, "
-                      "const:patch=P,keep=R[,keep_<branch>=R][,res=B][,m=M], efficienttrain++, file:PATH")
+                      f"const:patch=P,keep=R[,keep_<branch>=R][,res=B][,m=M], efficienttrain++, {aaip}file:PATH")
 
 
 def efficienttrain_pp() -> Schedule:
@@ -100,6 +108,9 @@ def get_schedule(spec: str) -> Schedule:
         return _parse_const(spec, spec[len("const:"):] if ":" in spec else "")
     if spec.lower() in ("efficienttrain++", "et++", "etpp"):
         return efficienttrain_pp()
+    if spec in AAIP_PRESETS:
+        with open(os.path.join(AAIP_DIR, spec + ".json")) as f:
+            return Schedule.from_json(f.read())
     if spec.startswith("file:"):
         path = spec[len("file:"):]
         if not path:
