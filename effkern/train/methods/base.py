@@ -43,6 +43,13 @@ def stage_patch(stage) -> Optional[int]:
     return None if stage is None else getattr(stage, "patch_size", None)
 
 
+def patch_for(stage, size: int) -> Optional[int]:
+    """The stage's patch size for a view of ``size`` pixels: it applies to the views it
+    tiles; a view it does not divide (e.g. a small DINO local crop) keeps the native patch."""
+    p = stage_patch(stage)
+    return p if p is None or size % p == 0 else None
+
+
 def stage_keep(stage, branch: Optional[str]) -> float:
     """Keep ratio of ``branch`` in ``stage`` as a float in (0, 1] (1.0 when no stage/branch)."""
     if stage is None or branch is None:
@@ -144,8 +151,8 @@ class Method(nn.Module):
         """(resolution, patch_size or None, keep, grad) per encoder pass per image:
         the trained encoder's pass of every view (grad True), then the momentum /
         teacher pass of the views it sees (grad False)."""
-        p = stage_patch(stage)
-        return [(v.size, p, stage_keep(stage, v.branch), True) for v in self.view_plan(base_size)]
+        return [(v.size, patch_for(stage, v.size), stage_keep(stage, v.branch), True)
+                for v in self.view_plan(base_size)]
 
     def on_step_end(self, progress: float) -> None:
         """After the optimizer step (progress = budget fraction after the step)."""
@@ -174,7 +181,7 @@ class Method(nn.Module):
     def _run(encoder: nn.Module, views: list[Tensor], stage, branches: list[Optional[str]],
              generator=None) -> list[Tensor]:
         """ONE forward_views call: patch size from the stage, keep per view from its branch."""
-        p = stage_patch(stage)
+        patches = [patch_for(stage, v.shape[-1]) for v in views]
         keeps = [keep_arg(stage_keep(stage, b)) for b in branches]
-        return encoder.forward_views(list(views), patch_sizes=[p] * len(views), keeps=keeps,
+        return encoder.forward_views(list(views), patch_sizes=patches, keeps=keeps,
                                      generator=generator)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dist
-from .base import Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, stage_keep, stage_patch
+from .base import Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, patch_for, stage_keep
 
 
 class WeightNormLinear(nn.Module):
@@ -169,12 +169,12 @@ class DINO(Method):
         """2 global at ``base_size`` (the loop passes the stage-scaled size) + the local
         views at the size of the last :meth:`view_plan` (the loop only shrinks global views;
         before any view_plan call: from ``base_size``) with grad, + 2 teacher passes."""
-        p = stage_patch(stage)
         ls = getattr(self, "_plan_local_size", None) or self.local_size(base_size)
-        student = ([(base_size, p, stage_keep(stage, "global"), True)] * 2
-                   + [(ls, p, stage_keep(stage, "local"), True)] * self.hp["n_local"])
+        pg, pl = patch_for(stage, base_size), patch_for(stage, ls)
+        student = ([(base_size, pg, stage_keep(stage, "global"), True)] * 2
+                   + [(ls, pl, stage_keep(stage, "local"), True)] * self.hp["n_local"])
         kt = stage_keep(stage, self.hp["teacher_branch"])
-        return student + [(base_size, p, kt, False)] * 2
+        return student + [(base_size, pg, kt, False)] * 2
 
     # --- step ---
     def training_step(self, views, labels, stage, progress, generator=None):

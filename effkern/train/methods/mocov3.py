@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dist
-from .base import Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, keep_arg, stage_keep, stage_patch
+from .base import Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, keep_arg, patch_for, stage_keep
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -78,7 +78,7 @@ class MoCoV3(Method):
         return [ViewPlan("global", base_size, "q"), ViewPlan("global", base_size, "q")]
 
     def cost_views(self, base_size, stage):
-        p = stage_patch(stage)
+        p = patch_for(stage, base_size)
         kq, kk = stage_keep(stage, "q"), stage_keep(stage, "k")
         return [(base_size, p, kq, True)] * 2 + [(base_size, p, kk, False)] * 2
 
@@ -86,7 +86,7 @@ class MoCoV3(Method):
         self._check_views(views, 2)
         self.on_progress(progress)
         x1, x2 = views
-        p = stage_patch(stage)
+        p = patch_for(stage, x1.shape[-1])
         kq, kk = keep_arg(stage_keep(stage, "q")), keep_arg(stage_keep(stage, "k"))
         f1, f2 = self.encoder.forward_views([x1, x2], patch_sizes=[p, p], keeps=[kq, kq], generator=generator)
         q1 = self.predictor(self.projector(f1))

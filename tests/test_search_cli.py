@@ -1,0 +1,51 @@
+"""`effkern schedule search` end to end (reference run checkpointed by the command
+itself) and the shipped aaip-* presets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from effkern.schedules import PRESETS, ModelCfg, get_schedule
+from effkern.schedules.cost import default_views_fn, view_cost
+
+
+def test_search_command_writes_a_schedule_train_can_use(tmp_path):
+    out = tmp_path / "search"
+    common = ["--data", "digits", "--base-size", "16", "--limit-train", "256", "--limit-test", "64",
+              "--batch-size", "32", "--model-arg", "depth=1", "--model-arg", "patch_size=4",
+              "--model-arg", "embed_dim=64", "--model-arg", "num_heads=2", "--method-arg", "mlp_dim=32",
+              "--method-arg", "out_dim=16"]
+    res = subprocess.run([sys.executable, "-m", "effkern", "schedule", "search", "--method", "mocov3", *common,
+                          "--checkpoints", "0,0.5,1", "--keeps", "1", "0.5", "--n-batches", "2", "--repeats", "2",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    for name in ("schedule.json", "search.csv", "search.md", "heatmap_0.png", "heatmap_2.png"):
+        assert (out / name).exists(), name
+    assert (out / "reference" / "checkpoint_p0.5.pt").exists()
+    schedule = get_schedule(f"file:{out / 'schedule.json'}")
+    assert schedule.name == "aaip-mocov3"
+    res = subprocess.run([sys.executable, "-m", "effkern", "train", "--method", "mocov3", *common,
+                          "--epochs-equivalent", "0.5", "--schedule", f"file:{out / 'schedule.json'}", "--no-progress",
+                          "--out", str(tmp_path / "train")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert json.load(open(tmp_path / "train" / "summary.json"))["steps"] >= 4
+
+
+def test_search_command_rejects_bad_checkpoints(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "effkern", "schedule", "search", "--data", "digits",
+                          "--checkpoints", "0,1.5", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 2 and "checkpoints" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["aaip-mocov3", "aaip-simclr", "aaip-dino"])
+def test_aaip_presets_ship_and_decompress_monotonically(name):
+    assert name in PRESETS
+    schedule = get_schedule(name)
+    assert schedule.name == name and schedule.stages[0][0] == 0.0
+    cfg = ModelCfg(img_size=32, patch_size=4, embed_dim=96, depth=2, num_heads=3)
+    views = default_views_fn(cfg)
+    costs = [sum(view_cost(cfg, v) for v in views(stage)) for _, stage in schedule.stages]
+    assert costs == sorted(costs), costs  # never cheaper later: a monotone decompression
