@@ -95,9 +95,10 @@ def test_json_round_trip_and_file(tmp_path):
 def test_unknown_spec_lists_valid_names(spec):
     with pytest.raises(ValueError) as e:
         get_schedule(spec)
-    for name in ("none", "const:", "efficienttrain++", "file:PATH"):
+    for name in ("none", "const:", "efficienttrain++", "aaip-mocov3", "aaip-simclr", "aaip-dino", "file:PATH"):
         assert name in str(e.value)
-    assert len(PRESETS) == 4
+    assert PRESETS == ("none", "const:...", "efficienttrain++", "aaip-dino", "aaip-mocov3", "aaip-simclr",
+                       "file:PATH")
 
 
 @pytest.mark.parametrize("spec,param", [("const:keep=0", "keep"), ("const:keep=1.5", "keep"),
