@@ -25,28 +25,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from effkern._seeding import mix_seed
 from effkern.schedules.stage import Schedule, Stage
 
 __all__ = ["GradientMoments", "camse", "estimate", "grad_seed", "candidate_grid", "param_groups",
            "make_grad_fn", "monotone_choice", "search"]
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def grad_seed(seed: int, batch_index: int, repeat: int) -> int:
     """The 63-bit generator seed of draw ``repeat`` on batch ``batch_index`` (shared by all
     strategies: common random numbers make the comparison between strategies less noisy)."""
-    h = _splitmix64(int(seed) & _MASK64)
-    h = _splitmix64(h ^ (int(batch_index) & _MASK64))
-    h = _splitmix64(h ^ ((int(repeat) + 0x5EED) & _MASK64))
-    return h & ((1 << 63) - 1)
+    return mix_seed(seed, batch_index, int(repeat) + 0x5EED)
 
 
 # ----------------------------------------------------------------------------- moments

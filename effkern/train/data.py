@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effkern._seeding import mix_seed
+
 DATASETS = ("fashion-mnist", "digits")  # plus any filesystem path = an ImageFolder tree
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _VALID = "fashion-mnist, digits, or a path to an ImageFolder tree"
@@ -242,22 +244,9 @@ def load_dataset(name_or_path: str, base_size: int, limit_train: int | None = No
 
 
 # ----------------------------------------------------------------------------- multi-view dataset
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The 63-bit generator seed of sample ``index`` in ``epoch`` (well mixed, collision-free in practice)."""
-    h = _splitmix64(int(seed) & _MASK64)
-    h = _splitmix64(h ^ (int(epoch) & _MASK64))
-    h = _splitmix64(h ^ (int(index) & _MASK64))
-    return h & ((1 << 63) - 1)
+    return mix_seed(seed, epoch, index)
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
