@@ -3,6 +3,9 @@
 // (effkern_ops.cpp) and are reached through torch.ops.effkern.* and effkern.ops.
 #include <torch/extension.h>
 
+#include "cpu/fft_crop_cpu.h"
+#include "cpu/fft_lanes.h"
+
 #ifndef EFFKERN_VERSION
 #define EFFKERN_VERSION "unknown"
 #endif
@@ -16,6 +19,7 @@ py::dict build_info() {
   py::dict info;
   info["version"] = EFFKERN_VERSION;
   info["cpu_kernels"] = true;
+  info["cpu_isa"] = effkern::fft_lanes::active_isa();
 #ifdef EFFKERN_WITH_CUDA
   info["cuda_kernels"] = true;
   info["cuda_arch_list"] = EFFKERN_CUDA_ARCH_LIST;
@@ -38,4 +42,6 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, module) {
   module.doc() = "effkern compiled kernels (C++ CPU, CUDA); ops live under torch.ops.effkern";
   module.def("build_info", &build_info, "What this extension was compiled with.");
+  module.def("fft_crop_cpu_algorithm", &effkern::fft_crop_cpu_algorithm, py::arg("H"), py::arg("W"), py::arg("h"),
+             py::arg("w"), "The algorithm ('fft' or 'gemm') the CPU fft_crop kernel uses for (H, W) -> (h, w).");
 }

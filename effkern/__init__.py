@@ -17,8 +17,9 @@ __all__ = ["__version__", "build_info", "get_backend", "set_backend", "use_backe
 def build_info() -> dict:
     """What this install of effkern was built with and can run.
 
-    Keys: version, torch, torch_cuda, cpu_kernels, cuda_kernels, cuda_arch_list,
-    compiler, triton (version or None), triton_interpret, backend, load_error.
+    Keys: version, torch, torch_cuda, cpu_kernels, cpu_isa (the instruction set
+    the CPU FFT kernels run with: avx512, avx2 or baseline), cuda_kernels,
+    cuda_arch_list, compiler, triton (version or None), triton_interpret, backend, load_error.
     """
     import torch
 
@@ -37,6 +38,7 @@ def build_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "cpu_kernels": native["cpu_kernels"],
+        "cpu_isa": native.get("cpu_isa"),
         "cuda_kernels": native["cuda_kernels"],
         "cuda_arch_list": native["cuda_arch_list"],
         "compiler": native["compiler"],

@@ -45,7 +45,7 @@ def has_cuda_kernels() -> bool:
 
 def native_build_info() -> dict:
     if _C is None:
-        return {"cpu_kernels": False, "cuda_kernels": False, "cuda_arch_list": "", "compiler": "",
+        return {"cpu_kernels": False, "cuda_kernels": False, "cuda_arch_list": "", "compiler": "", "cpu_isa": None,
                 "load_error": LOAD_ERROR}
     info = dict(_INFO)
     info["load_error"] = None

@@ -1,0 +1,137 @@
+// fft_lanes.h -- the FFT path of the CPU fft_crop kernel: plans and entry points.
+//
+// The separable crop applies one real 1-D map per axis, Ar (n_out x n_in, see
+// fft_crop_plan.h).  Ar is real, so it acts on a complex vector z = x1 + i x2
+// as Ar x1 + i Ar x2: two real images ride in one complex transform (one in the
+// real plane, one in the imaginary plane), and no real-FFT packing is needed.
+// Per axis, Ar z = scale * IDFT_{n_out}( M DFT_{n_in}(z) ) with unnormalised
+// transforms, scale = 1 / max(n_in, n_out) and M the bin map of the kept band
+// K = {-floor(n/2) .. ceil(n/2)-1}, n = min(n_in, n_out):
+//   crop (n_out < n_in): out[k] = in[k] for k in K; for even n the unpaired bin
+//        -n/2 takes the Hermitian mean (in[-n/2] + in[n/2]) / 2, which is what
+//        Re() of the one-sided crop does to a real signal;
+//   pad  (n_out > n_in, the adjoint): out[k] = in[k], and for even n the bin
+//        n/2 (= -n/2 on the short grid) is split half/half onto +-n/2.
+// The 2-D crop additionally has a rank-one corner term when both kept sizes are
+// even (fft_crop_plan.h); the driver adds it from the input.
+//
+// Layout: "lanes".  A transform runs along the rows of a (rows x lanes) block
+// whose lanes are contiguous; every butterfly is an elementwise loop over the
+// lanes, which vectorises with no shuffles.  Real and imaginary parts live in
+// separate planes.  The driver transforms along H with lanes = columns, then
+// transposes and transforms along W with lanes = output rows.
+//
+// Transforms are mixed-radix Stockham (auto-sorting, out of place between two
+// buffers): radix 8, 4 and 2, specialised odd radices 3, 5, 7, and a generic odd
+// radix for other primes.  Twiddles are tabulated per stage in the kernel's
+// precision from float64.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace effkern::fft_lanes {
+
+// One Stockham stage: the sequence of length N is viewed as (n, s), n * s = N;
+// the stage splits n = radix * m.
+template <typename T>
+struct Stage {
+  int radix = 1;
+  int64_t n = 1, s = 1, m = 1;
+  std::vector<T> tw_re, tw_im;    // (m, radix-1): exp(sign 2 pi i j t / n), t = 1..radix-1
+  std::vector<T> cos_k, sin_k;    // odd radix p: cos(2 pi k / p), sign * sin(2 pi k / p), k = 0..p-1
+};
+
+template <typename T>
+struct Transform {
+  int64_t N = 1;
+  int sign = -1;  // -1: forward DFT, +1: unnormalised inverse
+  std::vector<Stage<T>> stages;
+};
+
+template <typename T>
+struct BinTerm {
+  int64_t src, dst;
+  T weight;
+  bool assign;  // the first term of its dst row: store instead of accumulate
+};
+
+// One axis: n_in -> n_out (crop when n_out < n_in, pad/adjoint when n_out > n_in,
+// identity when equal).
+template <typename T>
+struct AxisPlan {
+  int64_t n_in = 1, n_out = 1;
+  Transform<T> forward, inverse;
+  bool identity = false;           // n_in == n_out: no transforms at all
+  std::vector<BinTerm<T>> bins;    // out[dst] (+)= weight * in[src], sorted by dst
+  std::vector<int64_t> zero_rows;  // out rows no term reaches (pad)
+  T scale = 1;                     // 1 / max(n_in, n_out)
+};
+
+// Cached per (n_in, n_out); thread-safe.
+template <typename T>
+const AxisPlan<T>& axis_plan(int64_t n_in, int64_t n_out);
+
+// Rough real flops of one complex transform of length N (for choosing FFT vs GEMM).
+double transform_flops(int64_t N);
+
+// The map applied to a pair of slices: rows (H -> Ho) then columns (W -> Wo).
+template <typename T>
+struct PairGeometry {
+  int64_t Hi, Wi, Ho, Wo;
+  const AxisPlan<T>* rows;
+  const AxisPlan<T>* cols;
+  // Rank-one corner term y -= (lv_rows^T x lv_cols) lu_rows lu_cols^T, or null.
+  const T* lu_rows = nullptr;
+  const T* lu_cols = nullptr;
+  const T* lv_rows = nullptr;
+  const T* lv_cols = nullptr;
+};
+
+// One pair of slices: x_a, x_b (Hi x Wi contiguous; x_b may be null for a lone
+// slice) -> y_a, y_b (Ho x Wo contiguous; y_b null iff x_b null), then
+// y = y * scale + shift per slice.
+template <typename T>
+struct PairJob {
+  const T* x_a;
+  const T* x_b;
+  T* y_a;
+  T* y_b;
+  T scale_a, shift_a, scale_b, shift_b;
+};
+
+// The lane block width used by the kernels (a block's rows stay in L1/L2).
+constexpr int64_t kLaneBlock = 64;
+
+// Per-thread scratch, sized from the geometry once and reused for every pair.
+// Block rows are padded (ld = kLaneBlock + 4 elements) and the planes offset by
+// a cache line: with power-of-two strides the p input and p output streams of a
+// butterfly would all map to the same L1 sets (and 4K-alias each other).  The
+// buffers start zeroed; the padding lanes only ever see zeros.
+template <typename T>
+struct Workspace {
+  int64_t ld;             // row stride of a block buffer
+  int64_t plane;          // offset of the im plane in a block buffer
+  std::vector<T> buf[3];  // three (rows x lane block) complex blocks: re plane, then im plane
+  std::vector<T> mid;     // the transposed intermediate (Wi x Ho): re plane, then im plane
+  std::vector<T> zeros;   // an all-zero slice, the partner of a lone slice
+  explicit Workspace(const PairGeometry<T>& g)
+      : ld(kLaneBlock + 4),
+        plane(std::max({g.Hi, g.Ho, g.Wi, g.Wo}) * ld + 64 / sizeof(T)),
+        mid(2 * g.Wi * g.Ho),
+        zeros(g.Hi * g.Wi, T(0)) {
+    for (auto& b : buf) b.assign(2 * plane, T(0));
+  }
+};
+
+// The kernel, compiled once per instruction set (fft_lanes_isa_*.cpp) and
+// picked at run time from the CPU's features (EFFKERN_CPU_ISA=baseline|avx2|avx512
+// forces one; unsupported choices fall back to the best available).
+template <typename T>
+void crop_pair(const PairGeometry<T>& g, const PairJob<T>& job, Workspace<T>& ws);
+
+// The instruction set crop_pair runs with: "avx512", "avx2" or "baseline".
+const char* active_isa();
+
+}  // namespace effkern::fft_lanes

@@ -1,0 +1,21 @@
+// fft_lanes_isa_avx2.cpp -- the FFT-path kernels compiled for AVX2 + FMA
+// (x86-64, GCC); picked at run time only on CPUs that have it.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/fft_lanes_isa.h"
+
+#if EFFKERN_FFT_LANES_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define EFFKERN_ISA_AVX2 1
+#define EFFKERN_ISA_NS avx2
+#include "cpu/fft_lanes_kernels.inc"
+#undef EFFKERN_ISA_NS
+#undef EFFKERN_ISA_AVX2
+#pragma GCC pop_options
+#endif
