@@ -16,6 +16,8 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (median reported)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md with the table")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; 1 = what a DataLoader worker gets)")
     if argv and argv[0] in names:
         bench.load(argv[0]).add_arguments(parser)
     args = parser.parse_args(argv)
@@ -25,6 +27,10 @@ def _bench(argv: list[str]) -> int:
         parser.error(str(exc))
     import torch
 
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)

@@ -101,8 +101,23 @@ def environment(device: torch.device) -> dict:
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = _cpu_model() or platform.processor() or platform.machine()
+    from effkern import build_info
+
+    info["effkern_cpu_isa"] = build_info().get("cpu_isa")
     return info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo), e.g. 'AMD EPYC'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _fmt(value, spec: str) -> str:
@@ -151,6 +166,6 @@ def write_results(path_stem: str, rows: Sequence[Row], env: dict, command: str, 
         f.write(f"# {title}\n\n")
         f.write(f"- device: {env.get('device_name')} ({env.get('device')})\n")
         f.write(f"- torch {env.get('torch')}, triton {env.get('triton')}, python {env.get('python')}, "
-                f"CPU threads {env.get('cpu_threads')}\n")
+                f"CPU threads {env.get('cpu_threads')}, effkern CPU kernels: {env.get('effkern_cpu_isa')}\n")
         f.write(f"- date: {env.get('date')}\n- command: `{command}`\n\n")
         f.write(format_table(rows, extra_cols=extra_cols) + "\n")

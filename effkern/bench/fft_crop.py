@@ -12,6 +12,8 @@ Peers, measured in the same process on the same inputs:
                 EfficientTrain++'s own code, exactly the definition
   interpolate   F.interpolate(mode="bilinear", antialias=True): the down-sampling
                 alternative (a different operator: its error column is not ~0)
+On CPU the C++ kernel picks its algorithm per shape (FFT path or GEMM path,
+recorded in the JSON as effkern_cpu_algorithm).
 Columns: median ms; GB/s = (input bytes + output bytes) / time; % roof = that
 over the device bandwidth measured in this run (a large copy; on CPU a memcpy
 of the same size); rel err vs the float64 torch.fft oracle on the first images;
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from effkern import _native
 from effkern.bench.common import Row, measured_copy_bandwidth, rel_err, time_fn
 from effkern.ops import fft_crop
 
@@ -97,10 +100,13 @@ def run(args) -> list[Row]:
             }
             times = {name: time_fn(fn, device, warmup=2, repeat=args.repeat) for name, fn in impls.items()}
             shape = f"({batch},3,{res},{res})->{size}"
+            extra = {"copy_bandwidth_gbps": bandwidth}
+            if device.type == "cpu" and _native.has_cpu_kernels():
+                extra["effkern_cpu_algorithm"] = _native._C.fft_crop_cpu_algorithm(res, res, size, size)
             for name, ms in times.items():
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 ratios = {p: times[p] / ms for p in times if p != name} if name == "effkern" else {}
                 rows.append(Row(op="fft_crop", shape=shape, impl=name, dtype=dtype_name, ms=ms, gbps=gbps,
                                 roofline_pct=100 * gbps / bandwidth, rel_err=errs[name], ratios=ratios,
-                                extra={"copy_bandwidth_gbps": bandwidth}))
+                                extra=dict(extra) if name == "effkern" else {"copy_bandwidth_gbps": bandwidth}))
     return rows
