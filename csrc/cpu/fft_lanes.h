@@ -115,12 +115,12 @@ struct Workspace {
   int64_t plane;          // offset of the im plane in a block buffer
   std::vector<T> buf[3];  // three (rows x lane block) complex blocks: re plane, then im plane
   std::vector<T> mid;     // the transposed intermediate (Wi x Ho): re plane, then im plane
-  std::vector<T> zeros;   // an all-zero slice, the partner of a lone slice
+  std::vector<T> input;   // the pair's two input slices, staged (Hi x Wi each)
   explicit Workspace(const PairGeometry<T>& g)
       : ld(kLaneBlock + 4),
         plane(std::max({g.Hi, g.Ho, g.Wi, g.Wo}) * ld + 64 / sizeof(T)),
         mid(2 * g.Wi * g.Ho),
-        zeros(g.Hi * g.Wi, T(0)) {
+        input(2 * g.Hi * g.Wi) {
     for (auto& b : buf) b.assign(2 * plane, T(0));
   }
 };

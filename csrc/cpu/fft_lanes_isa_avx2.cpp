@@ -2,6 +2,7 @@
 // (x86-64, GCC); picked at run time only on CPUs that have it.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #if defined(__x86_64__) || defined(__SSE2__)
 #include <immintrin.h>

@@ -2,6 +2,7 @@
 // instruction set (the fallback on every machine).
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #if defined(__x86_64__) || defined(__SSE2__)
 #include <immintrin.h>

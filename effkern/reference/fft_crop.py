@@ -1,4 +1,4 @@
-"""fft_crop as two real matrix products (the same math as csrc/cpu/fft_crop_cpu.cpp).
+"""fft_crop as two real matrix products (the math of the GEMM path of csrc/cpu/fft_crop_cpu.cpp).
 
 One axis of the crop, input length N -> output length n, keeps the frequencies
 K = {-floor(n/2), ..., ceil(n/2)-1} and maps x to
