@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 # The CPU demo's model: a ViT-Tiny (D 192, 3 heads of 64) cut to 4 blocks, on
 # 32 px images with 4 px patches (64 tokens), small MoCo v3 heads.
@@ -189,7 +188,8 @@ def _search(args) -> int:
     import dataclasses
     import shutil
 
-    from effkern.schedules.search import candidate_grid, search
+    from effkern.schedules.search import candidate_grid
+    from effkern.train.schedule_search import search
     from effkern.train.loop import Run, train
 
     args.schedule = "none"

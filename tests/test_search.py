@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from effkern.schedules import get_schedule
-from effkern.schedules.search import (GradientMoments, camse, candidate_grid, estimate, monotone_choice,
-                                      search)
+from effkern.schedules.search import GradientMoments, camse, candidate_grid, estimate, monotone_choice
+from effkern.train.schedule_search import search
 
 D_FEAT, M, N_BATCHES = 5, 32, 2
 
