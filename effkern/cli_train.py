@@ -56,6 +56,10 @@ def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse
     p.add_argument("--batch-size", type=int, default=64, help="global batch")
     p.add_argument("--lr", type=float, default=1.5e-4, help="learning rate per 256 images")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay-end", type=float, default=None,
+                   help="cosine ramp of the weight decay to this value over the run (DINO: 0.04 -> 0.4)")
+    p.add_argument("--clip-grad", type=float, default=None,
+                   help="clip the global gradient norm to this value (DINO: 3.0); default: no clipping")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the budget")
     p.add_argument("--lr-schedule", choices=("cosine", "poly"), default="cosine")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -95,6 +99,7 @@ def config_from_args(args):
         limit_train=args.limit_train, limit_test=args.limit_test, budget=args.budget,
         epochs_equivalent=None if args.budget is not None else epochs, schedule=args.schedule,
         et_crop=args.et_crop, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end, clip_grad=args.clip_grad,
         warmup=args.warmup, lr_schedule=args.lr_schedule, device=args.device, seed=args.seed,
         workers=args.workers, out_dir=args.out, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
         log_every=args.log_every, resume=args.resume, compile=args.compile, progress_bar=not args.no_progress,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from effkern.train.config import TrainConfig
+from effkern.train.data import make_loader
 from effkern.train.loop import Run, train
 
 
@@ -171,3 +172,37 @@ def test_calibration_scales_the_charged_cost(tmp_path):
     calibrated = Run(tiny_cfg(tmp_path, "cal", calibration=path))
     stage = plain.schedule.at(0.0)
     assert calibrated.step_cost(stage) == pytest.approx(2 * plain.step_cost(stage))
+
+
+def test_gradient_clipping_bounds_the_applied_gradient(tmp_path):
+    run = Run(tiny_cfg(tmp_path, clip_grad=1e-3))
+    views, labels = next(iter(make_loader(
+        run.dataset, run.local_batch, 0, 0)))
+    record = run.train_step(views, labels)
+    assert record["grad_norm"] > 1e-3  # the norm before clipping is logged
+    grads = [p.grad for p in run.method.parameters() if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert float(total) <= 1e-3 * (1 + 1e-5)
+
+
+def test_weight_decay_schedule_ramps_only_decaying_groups(tmp_path):
+    cfg = tiny_cfg(tmp_path, weight_decay=0.04, weight_decay_end=0.4)
+    summary = train(cfg)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+        wds = [r["wd"] for r in map(json.loads, f) if "wd" in r]
+    assert wds[0] == pytest.approx(0.04, abs=1e-3) and wds == sorted(wds) and wds[-1] < 0.4
+    run = Run(tiny_cfg(tmp_path, "check", weight_decay=0.04, weight_decay_end=0.4))
+    run.state["spent"] = run.budget  # progress 1
+    views, labels = next(iter(make_loader(
+        run.dataset, run.local_batch, 0, 0)))
+    run.train_step(views, labels)
+    by_name = {g["name"]: g["weight_decay"] for g in run.optimizer.param_groups}
+    assert by_name["decay"] == pytest.approx(0.4) and by_name["no_decay"] == 0.0
+    assert summary["steps"] > 0
+
+
+@pytest.mark.parametrize("overrides, match", [({"clip_grad": 0.0}, "clip_grad"),
+                                              ({"weight_decay_end": -1.0}, "weight_decay_end")])
+def test_bad_optimisation_knobs(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        Run(tiny_cfg(tmp_path, **overrides))

@@ -31,6 +31,11 @@ def lr_at(progress: float, base_lr: float, warmup: float = 0.05, min_lr: float =
     return min_lr + (base_lr - min_lr) * f
 
 
+def weight_decay_at(progress: float, start: float, end: float) -> float:
+    """Cosine ramp of the weight decay from `start` to `end` (DINO: 0.04 -> 0.4)."""
+    return momentum_at(progress, start, end)
+
+
 def momentum_at(progress: float, start: float, end: float = 1.0) -> float:
     """Cosine ramp from `start` (progress 0) to `end` (progress 1), as MoCo v3 / BYOL / DINO:
     end - (end - start) * (cos(pi * p) + 1) / 2."""

@@ -27,6 +27,8 @@ class TrainConfig:
     lr: float = 1.5e-4               # per 256 images (scaled linearly with the global batch)
     min_lr: float = 0.0
     weight_decay: float = 0.1
+    weight_decay_end: float | None = None  # cosine ramp weight_decay -> this over the run (DINO: 0.04 -> 0.4)
+    clip_grad: float | None = None   # clip the global gradient norm to this (DINO: 3.0); None: no clipping
     warmup: float = 0.1              # fraction of the budget
     lr_schedule: str = "cosine"      # cosine | poly
     # run

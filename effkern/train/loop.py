@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from effkern.schedules import Calibration, ModelCfg, ViewSpec, get_schedule, lr_at, view_cost
+from effkern.schedules import Calibration, ModelCfg, ViewSpec, get_schedule, lr_at, view_cost, weight_decay_at
 from effkern.train import checkpoint as ckpt
 from effkern.train import ddp, dist
 from effkern.train.config import TrainConfig
@@ -62,7 +62,14 @@ class Run:
         self.randaug = RandAugmentMagnitude()
         self.dataset = MultiViewDataset(self.data.train_images, self.data.train_labels,
                                         view_transforms(cfg.method, self.plan, randaug=self.randaug), seed=cfg.seed)
-        self.optimizer = torch.optim.AdamW(self.method.param_groups(cfg.weight_decay), lr=cfg.lr)
+        if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+            raise ValueError(f"clip_grad must be > 0 (or None), got {cfg.clip_grad}")
+        if cfg.weight_decay_end is not None and cfg.weight_decay_end < 0:
+            raise ValueError(f"weight_decay_end must be >= 0 (or None), got {cfg.weight_decay_end}")
+        groups = self.method.param_groups(cfg.weight_decay)
+        for group in groups:  # the groups the weight-decay schedule drives
+            group["decays"] = group["weight_decay"] > 0
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.base_lr = cfg.lr * cfg.batch_size / 256
         self.mean = torch.tensor(MEAN, device=self.device)
         self.std = torch.tensor(STD, device=self.device)
@@ -130,8 +137,12 @@ class Run:
         cfg, stage = self.cfg, self.schedule.at(self.progress)
         self.randaug.set(stage.randaug_magnitude)
         lr = lr_at(self.progress, self.base_lr, warmup=cfg.warmup, min_lr=cfg.min_lr, kind=cfg.lr_schedule)
+        wd = (cfg.weight_decay if cfg.weight_decay_end is None
+              else weight_decay_at(self.progress, cfg.weight_decay, cfg.weight_decay_end))
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group.get("decays", False):
+                group["weight_decay"] = wd
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.state["step"] * 7919
                                                                    + self.rank)
         self.method.on_progress(self.progress)
@@ -142,12 +153,17 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ddp.all_reduce_grads_(self.method.parameters())
+        extra = {}
+        if cfg.clip_grad is not None:  # on the all-reduced gradient: the same on every rank
+            extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.method.parameters() if p.grad is not None], cfg.clip_grad))  # before clipping
         self.optimizer.step()
         self.state["spent"] += self.step_cost(stage)
         self.state["step"] += 1
         self.method.on_step_end(self.progress)
         # the method's own metrics are this rank's; the logged loss is the global-batch mean
-        return {**metrics, "loss": ddp.mean_over_ranks(loss.detach()), "lr": lr, "stage": stage.name}
+        return {**metrics, **extra, "loss": ddp.mean_over_ranks(loss.detach()), "lr": lr, "wd": wd,
+                "stage": stage.name}
 
     # ------------------------------------------------------------ checkpoints
     def _save(self) -> None:
