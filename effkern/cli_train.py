@@ -69,6 +69,8 @@ def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse
     p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between kNN evaluations (0: at the end)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--linear-probe", action="store_true",
+                   help="at the end, also fit a linear probe on frozen features (docs/trainer.md)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,7 +104,7 @@ def config_from_args(args):
         weight_decay_end=args.weight_decay_end, clip_grad=args.clip_grad,
         warmup=args.warmup, lr_schedule=args.lr_schedule, device=args.device, seed=args.seed,
         workers=args.workers, out_dir=args.out, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
-        log_every=args.log_every, resume=args.resume, compile=args.compile, progress_bar=not args.no_progress,
+        log_every=args.log_every, linear_probe=args.linear_probe, resume=args.resume, compile=args.compile, progress_bar=not args.no_progress,
         calibration=args.calibration)
 
 

@@ -206,3 +206,8 @@ def test_weight_decay_schedule_ramps_only_decaying_groups(tmp_path):
 def test_bad_optimisation_knobs(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         Run(tiny_cfg(tmp_path, **overrides))
+
+
+def test_linear_probe_in_the_summary(tmp_path):
+    summary = train(tiny_cfg(tmp_path, linear_probe=True, epochs_equivalent=0.25))
+    assert 0.0 <= summary["probe_acc"] <= 1.0

@@ -41,6 +41,7 @@ class TrainConfig:
     log_every: int = 10
     knn_k: int = 20
     knn_t: float = 0.07
+    linear_probe: bool = False       # also fit a linear probe on frozen features at the end
     compile: bool = False
     resume: bool = False
     progress_bar: bool = True

@@ -21,10 +21,10 @@ __all__ = ["MEAN", "STD", "extract_features", "knn_classify", "knn_accuracy"]
 
 @torch.no_grad()
 def extract_features(model_fn: Callable[[Tensor], Tensor], images: Tensor, batch_size: int,
-                     mean: Sequence[float], std: Sequence[float], device) -> Tensor:
+                     mean: Sequence[float], std: Sequence[float], device, normalize: bool = True) -> Tensor:
     """``model_fn`` on uint8 (N, C, H, W) images (scaled to [0, 1], normalised with mean/std,
-    in batches on ``device``) -> (N, D) float32 L2-normalised features on ``device``.
-    The caller puts the model in eval mode."""
+    in batches on ``device``) -> (N, D) float32 features on ``device``, L2-normalised unless
+    ``normalize=False``.  The caller puts the model in eval mode."""
     device = torch.device(device)
     m = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -35,7 +35,8 @@ def extract_features(model_fn: Callable[[Tensor], Tensor], images: Tensor, batch
         f = model_fn(x)
         if isinstance(f, (tuple, list)):
             f = f[0]
-        feats.append(F.normalize(f.float().flatten(1), dim=1))
+        f = f.float().flatten(1)
+        feats.append(F.normalize(f, dim=1) if normalize else f)
     if not feats:
         raise ValueError("no images to extract features from")
     return torch.cat(feats)

@@ -185,6 +185,19 @@ class Run:
 
     # ------------------------------------------------------------ eval
     @torch.no_grad()
+    def linear_probe(self) -> float:
+        from effkern.train.probe import linear_probe_accuracy
+
+        model = self.method.eval_encoder()
+        was_training = model.training
+        model.eval()
+        try:
+            acc = linear_probe_accuracy(lambda x: model.forward_views([x])[0], self.data, MEAN, STD, self.device)
+        finally:
+            model.train(was_training)
+        return acc
+
+    @torch.no_grad()
     def knn(self) -> float:
         from effkern.train.knn import knn_accuracy
 
@@ -256,6 +269,8 @@ class Run:
                    "spent_units": self.state["spent"], "budget_used": self.state["spent"] / self.budget,
                    "steps": self.state["step"], "wall_s": self.state["wall"],
                    "images_per_s": self.state["images"] / max(self.state["wall"], 1e-9), "knn_acc": acc}
+        if cfg.linear_probe:
+            summary["probe_acc"] = self.linear_probe()
         if self.rank == 0:
             _append_jsonl(metrics_path, {"final": True, **summary})
             with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:

@@ -38,11 +38,15 @@ def write_plots(out_dir: str, history: list[dict], schedule, budget: float) -> l
 
 def summary_table(rows: list[dict]) -> str:
     """Markdown table of run summaries (one row per run)."""
+    probe = any("probe_acc" in r for r in rows)
     header = ["run", "method", "schedule", "budget (M units)", "used", "steps", "wall (s)", "images/s", "kNN top-1"]
+    header += ["linear probe top-1"] if probe else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r.get("run", "-"), r["method"], r["schedule"], f"{r['budget_units'] / 1e6:.3f}",
-            f"{100 * r['budget_used']:.1f}%", str(r["steps"]), f"{r['wall_s']:.1f}", f"{r['images_per_s']:.0f}",
-            f"{100 * r['knn_acc']:.2f}%"]) + " |")
+        cells = [r.get("run", "-"), r["method"], r["schedule"], f"{r['budget_units'] / 1e6:.3f}",
+                 f"{100 * r['budget_used']:.1f}%", str(r["steps"]), f"{r['wall_s']:.1f}", f"{r['images_per_s']:.0f}",
+                 f"{100 * r['knn_acc']:.2f}%"]
+        if probe:
+            cells.append(f"{100 * r['probe_acc']:.2f}%" if "probe_acc" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
