@@ -38,6 +38,8 @@ void check_fft_crop(const at::Tensor& x, at::IntArrayRef size, const std::option
 void check_fft_crop_backward(const at::Tensor& grad, at::IntArrayRef input_size, const std::optional<at::Tensor>& std) {
   TORCH_CHECK(grad.dim() == 4, "fft_crop_backward: grad must be 4-D, got ", grad.sizes());
   TORCH_CHECK(is_float(grad.scalar_type()), "fft_crop_backward: grad must be floating point");
+  TORCH_CHECK(grad.size(2) >= 1 && grad.size(3) >= 1, "fft_crop_backward: grad's spatial size must be >= 1, got ",
+              grad.sizes().slice(2));
   TORCH_CHECK(input_size.size() == 2 && input_size[0] >= grad.size(2) && input_size[1] >= grad.size(3),
               "fft_crop_backward: input_size ", input_size, " must be >= the grad's spatial size");
   if (std.has_value()) {

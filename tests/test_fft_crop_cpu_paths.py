@@ -111,7 +111,8 @@ def test_algorithm_rule():
     assert algo(224, 224, 160, 160) == "fft"
     assert algo(28, 28, 14, 14) == "fft"
     assert algo(223, 223, 111, 111) == "gemm"  # prime sizes: the FFT degenerates to dense sums
-    assert algo(224, 224, 221, 221) == "gemm"  # 13 * 17
+    assert algo(131, 131, 100, 100) == "gemm"
+    assert algo(224, 224, 221, 221) == "fft"   # 13 * 17: small primes, the FFT still wins
 
 
 _ISA_SCRIPT = r"""
@@ -145,3 +146,37 @@ def test_every_instruction_set_build(isa):
     # the requested build, or the best one the CPU has when it asks for more
     assert result["isa"] == order[min(order.index(isa), order.index(best))]
     assert result["worst"] < 1.0, result
+
+
+def test_slices_do_not_leak_into_each_other(algorithm):
+    """Each slice is computed alone: a NaN, or a huge magnitude, in one image or
+    channel does not reach another, and a slice's result does not depend on the batch."""
+    x = torch.randn(3, 3, 64, 56)
+    x[0, 0] *= 1e4
+    x[0, 1] *= 1e-3
+    y = torch.ops.effkern.fft_crop(x, (40, 30), None, None)
+    for n in range(3):
+        for c in range(3):
+            assert rel_err(y[n, c], fft_crop_oracle(x[n:n + 1, c:c + 1], (40, 30))[0, 0]) < 2e-6, (n, c)
+    if algorithm == "fft":
+        assert torch.equal(torch.ops.effkern.fft_crop(x[1:2], (40, 30), None, None), y[1:2])
+    x[1, 2, 5, 7] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    y = torch.ops.effkern.fft_crop(x, (40, 30), None, None)
+    finite = torch.isfinite(y).flatten(2).all(-1)
+    expected = torch.ones(3, 3, dtype=torch.bool)
+    expected[1, 2] = expected[2, 0] = False
+    assert torch.equal(finite, expected)
+    g = torch.randn(3, 3, 40, 30, dtype=torch.float64)
+    g[0, 0] *= 1e-5
+    xd = torch.zeros(3, 3, 64, 56, dtype=torch.float64, requires_grad=True)
+    (ref,) = torch.autograd.grad(fft_crop_oracle(xd, (40, 30)), xd, g)
+    got = torch.ops.effkern.fft_crop_backward(g.float(), (64, 56), None)
+    for n in range(3):
+        for c in range(3):
+            assert rel_err(got[n, c], ref[n, c]) < 2e-6, (n, c)
+
+
+def test_backward_rejects_an_empty_grad():
+    with pytest.raises(RuntimeError, match="spatial size"):
+        torch.ops.effkern.fft_crop_backward(torch.randn(1, 1, 0, 4), [5, 4], None)

@@ -7,9 +7,9 @@
 //
 // Two algorithms, chosen per call by a flop estimate (EFFKERN_FFT_CROP_CPU=fft|gemm
 // forces one):
-// * fft (fft_lanes.h): per pair of slices (one in the real, one in the imaginary
-//   plane of a complex transform), a pruned mixed-radix FFT -> band -> inverse
-//   FFT along H and then along W, vectorised across the lanes of the other axis.
+// * fft (fft_lanes.h): per slice (its two halves in the real and the imaginary
+//   plane of one complex transform), a mixed-radix FFT -> band -> inverse FFT
+//   along H and then along W, vectorised across the lanes of the other axis.
 //   O(N log N): for 224 -> 160 about a fifth of the GEMM's flops.  Needs no
 //   more than a per-thread scratch of a few hundred KB.
 // * gemm: two small dense GEMMs per slice (224x224 @ 224x160, then
@@ -18,7 +18,7 @@
 //   reversal, see fft_crop_plan.h): half the multiply-adds for two cheap passes
 //   that fold the input and unfold the output.  Wins for sizes with large prime
 //   factors, where the FFT degenerates to dense sums anyway.
-// Slices (pairs) are spread over threads with at::parallel_for; each thread
+// Slices are spread over threads with at::parallel_for; each thread
 // keeps its slices (converted from uint8/half if needed) and intermediates in
 // private buffers that stay in L2.
 #include <ATen/Parallel.h>
@@ -173,15 +173,15 @@ void run(const at::Tensor& in, at::Tensor& out, const AxisOp& rows, const AxisOp
   });
 }
 
-// The FFT path: pairs of slices through fft_lanes::crop_pair.
+// The FFT path: one slice at a time through fft_lanes::crop_slice.
 template <typename acc_t>
 void run_fft(const CropCall& call, at::Tensor& out) {
   const at::Tensor& in = call.x;
   const int64_t channels = in.size(1), slices = in.size(0) * channels;
   const int64_t Hi = in.size(2), Wi = in.size(3), Ho = out.size(2), Wo = out.size(3);
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  fft_lanes::PairGeometry<acc_t> g{Hi, Wi, Ho, Wo, &fft_lanes::axis_plan<acc_t>(Hi, Ho),
-                                   &fft_lanes::axis_plan<acc_t>(Wi, Wo)};
+  fft_lanes::SliceGeometry<acc_t> g{Hi, Wi, Ho, Wo, &fft_lanes::axis_plan<acc_t>(Hi, Ho),
+                                    &fft_lanes::axis_plan<acc_t>(Wi, Wo)};
   if (call.rows->has_imag() && call.cols->has_imag()) {
     g.lu_rows = call.rows->lu.data_ptr<acc_t>();
     g.lv_rows = call.rows->lv.data_ptr<acc_t>();
@@ -193,25 +193,20 @@ void run_fft(const CropCall& call, at::Tensor& out) {
   at::Tensor in3 = in.view({slices, Hi, Wi});
   at::Tensor out3 = out.view({slices, Ho, Wo});
   const bool convert_in = in.scalar_type() != acc, convert_out = out.scalar_type() != acc;
-  const int64_t pairs = (slices + 1) / 2;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard no_grad;
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto opts = in.options().dtype(acc);
     fft_lanes::Workspace<acc_t> ws(g);
-    at::Tensor xbuf = convert_in ? at::empty({2, Hi, Wi}, opts) : at::Tensor();
-    at::Tensor ybuf = convert_out ? at::empty({2, Ho, Wo}, opts) : at::Tensor();
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t s = 2 * p, count = std::min<int64_t>(2, slices - s);
-      const acc_t* x = convert_in ? xbuf.narrow(0, 0, count).copy_(in3.narrow(0, s, count)).data_ptr<acc_t>()
-                                  : in3.data_ptr<acc_t>() + s * Hi * Wi;
+    at::Tensor xbuf = convert_in ? at::empty({Hi, Wi}, opts) : at::Tensor();
+    at::Tensor ybuf = convert_out ? at::empty({Ho, Wo}, opts) : at::Tensor();
+    for (int64_t s = begin; s < end; ++s) {
+      const acc_t* x = convert_in ? xbuf.copy_(in3[s]).data_ptr<acc_t>() : in3.data_ptr<acc_t>() + s * Hi * Wi;
       acc_t* y = convert_out ? ybuf.data_ptr<acc_t>() : out3.data_ptr<acc_t>() + s * Ho * Wo;
-      const int64_t ca = s % channels, cb = (s + 1) % channels;
-      fft_lanes::PairJob<acc_t> job{x, count == 2 ? x + Hi * Wi : nullptr, y, count == 2 ? y + Ho * Wo : nullptr,
-                                    scale ? scale[ca] : acc_t(1), shift ? shift[ca] : acc_t(0),
-                                    scale ? scale[cb] : acc_t(1), shift ? shift[cb] : acc_t(0)};
-      fft_lanes::crop_pair<acc_t>(g, job, ws);
-      if (convert_out) out3.narrow(0, s, count).copy_(ybuf.narrow(0, 0, count));
+      const int64_t c = s % channels;
+      const fft_lanes::SliceJob<acc_t> job{x, y, scale ? scale[c] : acc_t(1), shift ? shift[c] : acc_t(0)};
+      fft_lanes::crop_slice<acc_t>(g, job, ws);
+      if (convert_out) out3[s].copy_(ybuf);
     }
   });
 }
@@ -232,7 +227,7 @@ double fft_flops(int64_t Hi, int64_t Wi, int64_t Ho, int64_t Wo) {
   auto axis = [](int64_t n_in, int64_t n_out) {
     return n_in == n_out ? 0.0 : fft_lanes::transform_flops(n_in) + fft_lanes::transform_flops(n_out);
   };
-  // two slices per complex transform
+  // two half-slices per complex transform
   return 0.5 * (static_cast<double>(Wi) * axis(Hi, Ho) + static_cast<double>(Ho) * axis(Wi, Wo));
 }
 

@@ -1,9 +1,13 @@
 // fft_lanes.h -- the FFT path of the CPU fft_crop kernel: plans and entry points.
 //
 // The separable crop applies one real 1-D map per axis, Ar (n_out x n_in, see
-// fft_crop_plan.h).  Ar is real, so it acts on a complex vector z = x1 + i x2
-// as Ar x1 + i Ar x2: two real images ride in one complex transform (one in the
-// real plane, one in the imaginary plane), and no real-FFT packing is needed.
+// fft_crop_plan.h).  Ar is real, so it acts on a complex vector z = u + i v as
+// Ar u + i Ar v: two real vectors ride in one complex transform (one in the real
+// plane, one in the imaginary plane), and no real-FFT packing is needed.  The
+// two vectors are always two halves of the SAME slice (the left and right half
+// of its columns along H, the top and bottom half of its output rows along W):
+// rounding error and non-finite values stay inside the slice, exactly as in the
+// dense map, and every slice's result is independent of the rest of the batch.
 // Per axis, Ar z = scale * IDFT_{n_out}( M DFT_{n_in}(z) ) with unnormalised
 // transforms, scale = 1 / max(n_in, n_out) and M the bin map of the kept band
 // K = {-floor(n/2) .. ceil(n/2)-1}, n = min(n_in, n_out):
@@ -18,8 +22,9 @@
 // Layout: "lanes".  A transform runs along the rows of a (rows x lanes) block
 // whose lanes are contiguous; every butterfly is an elementwise loop over the
 // lanes, which vectorises with no shuffles.  Real and imaginary parts live in
-// separate planes.  The driver transforms along H with lanes = columns, then
-// transposes and transforms along W with lanes = output rows.
+// separate planes.  The driver transforms along H with lanes = the columns of
+// the left half (real plane) and right half (imaginary plane), transposes, and
+// transforms along W with lanes = the top / bottom half of the output rows.
 //
 // Transforms are mixed-radix Stockham (auto-sorting, out of place between two
 // buffers): radix 8, 4 and 2, specialised odd radices 3, 5, 7, and a generic odd
@@ -76,9 +81,9 @@ const AxisPlan<T>& axis_plan(int64_t n_in, int64_t n_out);
 // Rough real flops of one complex transform of length N (for choosing FFT vs GEMM).
 double transform_flops(int64_t N);
 
-// The map applied to a pair of slices: rows (H -> Ho) then columns (W -> Wo).
+// The map applied to one slice: rows (H -> Ho) then columns (W -> Wo).
 template <typename T>
-struct PairGeometry {
+struct SliceGeometry {
   int64_t Hi, Wi, Ho, Wo;
   const AxisPlan<T>* rows;
   const AxisPlan<T>* cols;
@@ -89,38 +94,45 @@ struct PairGeometry {
   const T* lv_cols = nullptr;
 };
 
-// One pair of slices: x_a, x_b (Hi x Wi contiguous; x_b may be null for a lone
-// slice) -> y_a, y_b (Ho x Wo contiguous; y_b null iff x_b null), then
-// y = y * scale + shift per slice.
+// One slice: x (Hi x Wi contiguous) -> y (Ho x Wo contiguous), then y * scale + shift.
 template <typename T>
-struct PairJob {
-  const T* x_a;
-  const T* x_b;
-  T* y_a;
-  T* y_b;
-  T scale_a, shift_a, scale_b, shift_b;
+struct SliceJob {
+  const T* x;
+  T* y;
+  T scale, shift;
 };
 
-// The lane block width used by the kernels (a block's rows stay in L1/L2).
-constexpr int64_t kLaneBlock = 64;
+// Lane blocks hold at most this many lanes (a block's rows stay in L2; wider
+// blocks amortise the per-stage loop overhead); a lane range is cut into equal
+// blocks (multiples of 8) of at most this width.
+constexpr int64_t kLaneBlock = 128;
 
-// Per-thread scratch, sized from the geometry once and reused for every pair.
-// Block rows are padded (ld = kLaneBlock + 4 elements) and the planes offset by
-// a cache line: with power-of-two strides the p input and p output streams of a
-// butterfly would all map to the same L1 sets (and 4K-alias each other).  The
-// buffers start zeroed; the padding lanes only ever see zeros.
+// Row stride of a block of L lanes: rounded up to 16 and padded by 4 elements,
+// so that the 2p streams of a radix-p butterfly (rows a power-of-two apart) do
+// not all map to the same L1 sets, and narrow blocks stay narrow.
+constexpr int64_t block_ld(int64_t L) { return (L + 15) / 16 * 16 + 4; }
+
+// Half of a length, rounded up: the lanes of the real plane (the imaginary plane
+// takes the rest plus, for odd lengths, one zero lane).
+constexpr int64_t half_up(int64_t n) { return (n + 1) / 2; }
+
+// Per-thread scratch, sized from the geometry once and reused for every slice.
+// All buffers start zeroed; lanes outside the data (block padding, the zero lane
+// of an odd half) only ever hold zeros or values that never reach a result.
 template <typename T>
 struct Workspace {
-  int64_t ld;             // row stride of a block buffer
   int64_t plane;          // offset of the im plane in a block buffer
+  int64_t ld_in;          // row stride of the staged input: 2 * half_up(Wi) + 4
+  int64_t ld_mid;         // row stride of mid: 2 * half_up(Ho) + 4
   std::vector<T> buf[3];  // three (rows x lane block) complex blocks: re plane, then im plane
-  std::vector<T> mid;     // the transposed intermediate (Wi x Ho): re plane, then im plane
-  std::vector<T> input;   // the pair's two input slices, staged (Hi x Wi each)
-  explicit Workspace(const PairGeometry<T>& g)
-      : ld(kLaneBlock + 4),
-        plane(std::max({g.Hi, g.Ho, g.Wi, g.Wo}) * ld + 64 / sizeof(T)),
-        mid(2 * g.Wi * g.Ho),
-        input(2 * g.Hi * g.Wi) {
+  std::vector<T> input;   // the slice, staged (Hi x ld_in)
+  std::vector<T> mid;     // Ar_h X transposed (Wi x ld_mid)
+  explicit Workspace(const SliceGeometry<T>& g)
+      : plane(std::max({g.Hi, g.Ho, g.Wi, g.Wo}) * block_ld(kLaneBlock) + 64 / sizeof(T)),
+        ld_in(2 * half_up(g.Wi) + 4),
+        ld_mid(2 * half_up(g.Ho) + 4),
+        input(g.Hi * ld_in, T(0)),
+        mid(g.Wi * ld_mid, T(0)) {
     for (auto& b : buf) b.assign(2 * plane, T(0));
   }
 };
@@ -129,9 +141,9 @@ struct Workspace {
 // picked at run time from the CPU's features (EFFKERN_CPU_ISA=baseline|avx2|avx512
 // forces one; unsupported choices fall back to the best available).
 template <typename T>
-void crop_pair(const PairGeometry<T>& g, const PairJob<T>& job, Workspace<T>& ws);
+void crop_slice(const SliceGeometry<T>& g, const SliceJob<T>& job, Workspace<T>& ws);
 
-// The instruction set crop_pair runs with: "avx512", "avx2" or "baseline".
+// The instruction set crop_slice runs with: "avx512", "avx2" or "baseline".
 const char* active_isa();
 
 }  // namespace effkern::fft_lanes

@@ -41,18 +41,18 @@ Isa active() {
 }  // namespace
 
 template <typename T>
-void crop_pair(const PairGeometry<T>& g, const PairJob<T>& job, Workspace<T>& ws) {
+void crop_slice(const SliceGeometry<T>& g, const SliceJob<T>& job, Workspace<T>& ws) {
   switch (active()) {
 #if EFFKERN_FFT_LANES_X86
-    case Isa::avx512: return avx512::crop_pair<T>(g, job, ws);
-    case Isa::avx2: return avx2::crop_pair<T>(g, job, ws);
+    case Isa::avx512: return avx512::crop_slice<T>(g, job, ws);
+    case Isa::avx2: return avx2::crop_slice<T>(g, job, ws);
 #endif
-    default: return baseline::crop_pair<T>(g, job, ws);
+    default: return baseline::crop_slice<T>(g, job, ws);
   }
 }
 
-template void crop_pair<float>(const PairGeometry<float>&, const PairJob<float>&, Workspace<float>&);
-template void crop_pair<double>(const PairGeometry<double>&, const PairJob<double>&, Workspace<double>&);
+template void crop_slice<float>(const SliceGeometry<float>&, const SliceJob<float>&, Workspace<float>&);
+template void crop_slice<double>(const SliceGeometry<double>&, const SliceJob<double>&, Workspace<double>&);
 
 const char* active_isa() {
   switch (active()) {

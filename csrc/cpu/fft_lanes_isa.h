@@ -19,7 +19,7 @@ namespace effkern::fft_lanes {
 #define EFFKERN_DECLARE_ISA(ns)                                                              \
   namespace ns {                                                                             \
   template <typename T>                                                                      \
-  void crop_pair(const PairGeometry<T>& g, const PairJob<T>& job, Workspace<T>& ws);         \
+  void crop_slice(const SliceGeometry<T>& g, const SliceJob<T>& job, Workspace<T>& ws);      \
   }
 
 EFFKERN_DECLARE_ISA(baseline)
