@@ -180,3 +180,22 @@ def test_slices_do_not_leak_into_each_other(algorithm):
 def test_backward_rejects_an_empty_grad():
     with pytest.raises(RuntimeError, match="spatial size"):
         torch.ops.effkern.fft_crop_backward(torch.randn(1, 1, 0, 4), [5, 4], None)
+
+
+def test_scratch_reused_after_nan_input(algorithm):
+    """The FFT path keeps its per-thread scratch between calls of the same shape:
+    a NaN image leaves NaN in it, which must not reach the next call (odd sizes
+    exercise the zero lanes of the half-slice layout)."""
+    bad = torch.randn(1, 2, 37, 45)
+    bad[0, 1, 3, 4] = float("nan")
+    torch.ops.effkern.fft_crop(bad, (21, 33), None, None)
+    x = torch.randn(2, 3, 37, 45)
+    y = torch.ops.effkern.fft_crop(x, (21, 33), None, None)
+    assert rel_err(y, fft_crop_oracle(x, (21, 33))) < 2e-6
+    g = torch.randn(1, 2, 21, 33)
+    g[0, 0, 1, 1] = float("nan")
+    torch.ops.effkern.fft_crop_backward(g, (37, 45), None)
+    g = torch.randn(2, 3, 21, 33, dtype=torch.float64)
+    xd = torch.zeros(2, 3, 37, 45, dtype=torch.float64, requires_grad=True)
+    (ref,) = torch.autograd.grad(fft_crop_oracle(xd, (21, 33)), xd, g)
+    assert rel_err(torch.ops.effkern.fft_crop_backward(g.float(), (37, 45), None), ref) < 2e-6

@@ -33,6 +33,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <memory>
 #include <cstdlib>
 #include <cstring>
 
@@ -173,6 +175,31 @@ void run(const at::Tensor& in, at::Tensor& out, const AxisOp& rows, const AxisOp
   });
 }
 
+// The calling thread's FFT scratch for this geometry, kept between calls when it
+// is small (about 1 MB for 224 x 224 float32), so that a call on one image -- a
+// DataLoader worker's case -- does not allocate and zero it again; rebuilt when
+// the shape changes.  Reuse is safe: the kernel relies only on the zero lanes it
+// never writes.  Larger scratch (big images) is allocated per call instead of
+// being held by every thread.
+constexpr int64_t kCachedWorkspaceBytes = 16 << 20;
+
+template <typename acc_t>
+fft_lanes::Workspace<acc_t>* cached_workspace(const fft_lanes::SliceGeometry<acc_t>& g) {
+  thread_local std::unique_ptr<fft_lanes::Workspace<acc_t>> ws;
+  thread_local std::array<int64_t, 4> shape{-1, -1, -1, -1};
+  const std::array<int64_t, 4> want{g.Hi, g.Wi, g.Ho, g.Wo};
+  if (ws && shape == want) return ws.get();
+  ws.reset();
+  shape = {-1, -1, -1, -1};
+  const int64_t longest = std::max({g.Hi, g.Wi, g.Ho, g.Wo});
+  const int64_t approx_bytes =
+      static_cast<int64_t>(sizeof(acc_t)) * (6 * longest * (fft_lanes::kLaneBlock + 4) + 2 * g.Hi * g.Wi + 2 * g.Wi * g.Ho);
+  if (approx_bytes > kCachedWorkspaceBytes) return nullptr;
+  ws = std::make_unique<fft_lanes::Workspace<acc_t>>(g);
+  shape = want;
+  return ws.get();
+}
+
 // The FFT path: one slice at a time through fft_lanes::crop_slice.
 template <typename acc_t>
 void run_fft(const CropCall& call, at::Tensor& out) {
@@ -197,7 +224,10 @@ void run_fft(const CropCall& call, at::Tensor& out) {
     const at::NoGradGuard no_grad;
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto opts = in.options().dtype(acc);
-    fft_lanes::Workspace<acc_t> ws(g);
+    std::unique_ptr<fft_lanes::Workspace<acc_t>> own;
+    fft_lanes::Workspace<acc_t>* cached = cached_workspace(g);
+    if (cached == nullptr) own = std::make_unique<fft_lanes::Workspace<acc_t>>(g);
+    fft_lanes::Workspace<acc_t>& ws = cached != nullptr ? *cached : *own;
     at::Tensor xbuf = convert_in ? at::empty({Hi, Wi}, opts) : at::Tensor();
     at::Tensor ybuf = convert_out ? at::empty({Ho, Wo}, opts) : at::Tensor();
     for (int64_t s = begin; s < end; ++s) {
