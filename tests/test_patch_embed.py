@@ -341,3 +341,19 @@ def test_schemas():
         "SymInt patch_size) -> Tensor")
     assert "effkern::patch_embed_bwd_weight" in str(torch.ops.effkern.patch_embed_bwd_weight.default._schema)
     assert "effkern::patch_embed_bwd_images" in str(torch.ops.effkern.patch_embed_bwd_images.default._schema)
+
+
+def test_resize_pos_embed_op():
+    """The opaque pos_embed resize: equals timm's resample, opcheck-clean (fake kernel,
+    autograd registration), gradcheck in float64, identity grid is a plain reshape."""
+    from effkern.ops.resize_pos_embed import resize_pos_embed
+
+    pos = torch.randn(1, 16, 8)
+    ours = resize_pos_embed(pos, (6, 3))
+    theirs = resample_abs_pos_embed(pos, [6, 3], num_prefix_tokens=0)[0]
+    assert ours.shape == (18, 8) and torch.allclose(ours, theirs, atol=1e-6)
+    assert resize_pos_embed(pos, (4, 4)).data_ptr() == pos.data_ptr()
+    torch.library.opcheck(torch.ops.effkern.resize_pos_embed.default, (pos, 6, 3))
+    torch.library.opcheck(torch.ops.effkern.resize_pos_embed_backward.default, (torch.randn(18, 8), pos, 6, 3))
+    pos64 = torch.randn(1, 9, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: torch.ops.effkern.resize_pos_embed(p, 5, 2), (pos64,))

@@ -34,6 +34,7 @@ import torch
 from effkern.backend import select
 from effkern.ops import _checks
 from effkern.reference import patch_embed as _ref
+from effkern.ops.resize_pos_embed import resize_pos_embed
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -233,7 +234,7 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     n = gh * gw
     with torch.autocast(device_type, enabled=False):
         w2d = _ref.resize_weight(weight, p)
-        pos = None if pos_embed is None else _ref.resize_pos(pos_embed, (gh, gw))
+        pos = None if pos_embed is None else resize_pos_embed(pos_embed, (gh, gw))
         if amp:
             dt = torch.get_autocast_dtype(device_type)
             images, w2d = images.to(dt), w2d.to(dt)

@@ -232,7 +232,14 @@ def _validate_head(name: str, x: torch.Tensor, scale) -> float:
                          f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces float module attributes (timm's
+        # Attention.scale) symbolically: the value is unknown while tracing (the
+        # op's float argument specialises it); eager calls check it.
+        return scale
+    if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     return float(scale)
 
