@@ -211,3 +211,13 @@ def test_bad_optimisation_knobs(tmp_path, overrides, match):
 def test_linear_probe_in_the_summary(tmp_path):
     summary = train(tiny_cfg(tmp_path, linear_probe=True, epochs_equivalent=0.25))
     assert 0.0 <= summary["probe_acc"] <= 1.0
+
+
+def test_compiled_training_step_matches_eager(tmp_path):
+    """--compile (inductor) through an ET++ schedule, whose image size changes during
+    the run: same steps and, up to float reordering, the same losses as eager."""
+    eager = train(tiny_cfg(tmp_path, "eager", schedule="efficienttrain++", epochs_equivalent=0.5))
+    comp = train(tiny_cfg(tmp_path, "comp", schedule="efficienttrain++", epochs_equivalent=0.5, compile=True))
+    assert comp["steps"] == eager["steps"]
+    le, lc = losses(tmp_path / "eager"), losses(tmp_path / "comp")
+    assert len(le) == len(lc) and all(abs(a - b) <= 1e-3 * abs(a) + 1e-5 for a, b in zip(le, lc)), (le, lc)
