@@ -16,7 +16,7 @@ from torch import Tensor
 
 from effkern.train.data import MEAN, STD, ImageData, _seeded_subset
 
-__all__ = ["MEAN", "STD", "extract_features", "knn_classify", "knn_accuracy"]
+__all__ = ["MEAN", "STD", "eval_split", "extract_features", "knn_classify", "knn_accuracy"]
 
 
 @torch.no_grad()
@@ -66,21 +66,29 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     return torch.cat(preds)
 
 
+def eval_split(data: ImageData, limit_train: int | None, limit_test: int | None, seeds: tuple[int, int],
+               what: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train images, train labels, test images, test labels), each split optionally cut
+    to a fixed seeded subset (``seeds`` tell the evaluations' subsets apart)."""
+    tr_x, tr_y, te_x, te_y = data.train_images, data.train_labels, data.test_images, data.test_labels
+    idx = _seeded_subset(len(tr_y), limit_train, 0, seeds[0])
+    if idx is not None:
+        tr_x, tr_y = tr_x[idx], tr_y[idx]
+    idx = _seeded_subset(len(te_y), limit_test, 0, seeds[1])
+    if idx is not None:
+        te_x, te_y = te_x[idx], te_y[idx]
+    if len(te_y) == 0:
+        raise ValueError(f"{what} needs at least one test sample")
+    return tr_x, tr_y, te_x, te_y
+
+
 @torch.no_grad()
 def knn_accuracy(model_fn: Callable[[Tensor], Tensor], data: ImageData, mean, std, device, k: int = 20,
                  T: float = 0.07, batch_size: int = 256, limit_train: int | None = None,
                  limit_test: int | None = None) -> float:
     """Top-1 kNN accuracy in [0, 1] of ``model_fn``'s features on ``data`` (train = memory bank,
     test = queries); ``limit_*`` evaluate on fixed seeded subsets."""
-    tr_x, tr_y, te_x, te_y = data.train_images, data.train_labels, data.test_images, data.test_labels
-    idx = _seeded_subset(len(tr_y), limit_train, 0, 11)
-    if idx is not None:
-        tr_x, tr_y = tr_x[idx], tr_y[idx]
-    idx = _seeded_subset(len(te_y), limit_test, 0, 12)
-    if idx is not None:
-        te_x, te_y = te_x[idx], te_y[idx]
-    if len(te_y) == 0:
-        raise ValueError("kNN accuracy needs at least one test sample")
+    tr_x, tr_y, te_x, te_y = eval_split(data, limit_train, limit_test, (11, 12), "kNN accuracy")
     train_feats = extract_features(model_fn, tr_x, batch_size, mean, std, device)
     test_feats = extract_features(model_fn, te_x, batch_size, mean, std, device)
     pred = knn_classify(train_feats, tr_y, test_feats, data.num_classes, k=k, T=T)

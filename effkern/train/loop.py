@@ -185,31 +185,26 @@ class Run:
 
     # ------------------------------------------------------------ eval
     @torch.no_grad()
+    def _evaluate(self, accuracy_fn, **kwargs) -> float:
+        """accuracy_fn(features_fn, data, mean, std, device, **kwargs) with the eval encoder
+        in eval mode (its training flag restored after)."""
+        model = self.method.eval_encoder()
+        was_training = model.training
+        model.eval()
+        try:
+            return accuracy_fn(lambda x: model.forward_views([x])[0], self.data, MEAN, STD, self.device, **kwargs)
+        finally:
+            model.train(was_training)
+
     def linear_probe(self) -> float:
         from effkern.train.probe import linear_probe_accuracy
 
-        model = self.method.eval_encoder()
-        was_training = model.training
-        model.eval()
-        try:
-            acc = linear_probe_accuracy(lambda x: model.forward_views([x])[0], self.data, MEAN, STD, self.device)
-        finally:
-            model.train(was_training)
-        return acc
+        return self._evaluate(linear_probe_accuracy)
 
-    @torch.no_grad()
     def knn(self) -> float:
         from effkern.train.knn import knn_accuracy
 
-        model = self.method.eval_encoder()
-        was_training = model.training
-        model.eval()
-        try:
-            acc = knn_accuracy(lambda x: model.forward_views([x])[0], self.data, MEAN, STD, self.device,
-                               k=self.cfg.knn_k, T=self.cfg.knn_t)
-        finally:
-            model.train(was_training)
-        return acc
+        return self._evaluate(knn_accuracy, k=self.cfg.knn_k, T=self.cfg.knn_t)
 
     # ------------------------------------------------------------ the loop
     def train(self) -> dict:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effkern.train.data import ImageData, _seeded_subset
-from effkern.train.knn import extract_features
+from effkern.train.data import ImageData
+from effkern.train.knn import eval_split, extract_features
 
 __all__ = ["fit_linear_probe", "linear_probe_accuracy"]
 
@@ -65,15 +65,7 @@ def linear_probe_accuracy(model_fn: Callable[[Tensor], Tensor], data: ImageData,
                           batch_size: int = 256, weight_decay: float = 1e-4, max_iter: int = 300,
                           limit_train: int | None = None, limit_test: int | None = None) -> float:
     """Top-1 linear-probe accuracy in [0, 1] of ``model_fn``'s features on ``data``."""
-    tr_x, tr_y, te_x, te_y = data.train_images, data.train_labels, data.test_images, data.test_labels
-    idx = _seeded_subset(len(tr_y), limit_train, 0, 13)
-    if idx is not None:
-        tr_x, tr_y = tr_x[idx], tr_y[idx]
-    idx = _seeded_subset(len(te_y), limit_test, 0, 14)
-    if idx is not None:
-        te_x, te_y = te_x[idx], te_y[idx]
-    if len(te_y) == 0:
-        raise ValueError("the linear probe needs at least one test sample")
+    tr_x, tr_y, te_x, te_y = eval_split(data, limit_train, limit_test, (13, 14), "the linear probe")
     train_feats = extract_features(model_fn, tr_x, batch_size, mean, std, device, normalize=False)
     test_feats = extract_features(model_fn, te_x, batch_size, mean, std, device, normalize=False)
     W, b, mu, sigma = fit_linear_probe(train_feats, tr_y, data.num_classes, weight_decay, max_iter)
