@@ -73,6 +73,21 @@ else:  # pragma: no cover - GPU only
     ]
 
 
+@triton.jit
+def _token_patches(idx_ptr, offs_m, mask_m, NPATCH, GW, s_ib, s_ih, s_iw,
+                   P: tl.constexpr, HAS_IDX: tl.constexpr):
+    """Tokens offs_m -> (n: patch index in its image, row_off: image offset of the
+    patch's top-left pixel); token t is patch idx[t] (flat b*NPATCH + n), or t."""
+    if HAS_IDX:
+        g = tl.load(idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        g = offs_m.to(tl.int64)
+    b = g // NPATCH
+    n = g % NPATCH
+    row_off = b * s_ib + ((n // GW) * P) * s_ih + ((n % GW) * P) * s_iw  # int64
+    return n, row_off
+
+
 # ---------------------------------------------------------------------------
 # forward: out = gather(images) @ W^T + bias + pos[n]
 # ---------------------------------------------------------------------------
@@ -103,15 +118,7 @@ def _patch_embed_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < T
     mask_n = offs_n < D
-    if HAS_IDX:
-        g = tl.load(idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    else:
-        g = offs_m.to(tl.int64)
-    b = g // NPATCH
-    n = g % NPATCH
-    gy = n // GW
-    gx = n % GW
-    row_off = b * s_ib + (gy * P) * s_ih + (gx * P) * s_iw  # (BLOCK_M,) int64
+    n, row_off = _token_patches(idx_ptr, offs_m, mask_m, NPATCH, GW, s_ib, s_ih, s_iw, P, HAS_IDX)
 
     if ACC_F64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
@@ -180,13 +187,7 @@ def _patch_embed_dw_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        if HAS_IDX:
-            g = tl.load(idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        else:
-            g = offs_m.to(tl.int64)
-        b = g // NPATCH
-        n = g % NPATCH
-        row_off = b * s_ib + ((n // GW) * P) * s_ih + ((n % GW) * P) * s_iw
+        _, row_off = _token_patches(idx_ptr, offs_m, mask_m, NPATCH, GW, s_ib, s_ih, s_iw, P, HAS_IDX)
         dy_t = tl.load(grad_ptr + offs_m[None, :].to(tl.int64) * s_gt + offs_n[:, None] * s_gd,
                        mask=mask_n[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_N, BLOCK_M)
         a = tl.load(img_ptr + row_off[:, None] + col_off[None, :],

@@ -68,6 +68,31 @@ _DQ_CONFIGS = _configs([(32, 32), (64, 32), (64, 64), (128, 32), (128, 64)])
 _KEY = ["HEAD_DIM", "SEQ_BUCKET"]
 
 
+@triton.jit
+def _sequence(CU, b):
+    """(first packed row, length) of sequence b."""
+    start = tl.load(CU + b)
+    return start, tl.load(CU + b + 1) - start
+
+
+@triton.jit
+def _load_tile(ptr, rows, s_row, h, s_head, offs_d, mask):
+    """The (rows x head_dim) tile of a (total, heads, head_dim) tensor at head h; 0 where masked."""
+    return tl.load(ptr + rows[:, None] * s_row + h * s_head + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, rows, s_row, h, s_head, offs_d, value, mask):
+    tl.store(ptr + rows[:, None] * s_row + h * s_head + offs_d[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, h, total, rows, mask):
+    """Per query row: the forward's log-sum-exp in log2 units and delta = rowsum(O * dO)."""
+    lse2 = tl.load(LSE + h * total + rows, mask=mask, other=0.0) * 1.4426950408889634
+    return lse2, tl.load(DELTA + h * total + rows, mask=mask, other=0.0)
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU,
@@ -78,8 +103,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    start = tl.load(CU + b)
-    seqlen = tl.load(CU + b + 1) - start
+    start, seqlen = _sequence(CU, b)
     if pid_m * BLOCK_M >= seqlen:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,8 +112,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
     mask_m = offs_m < seqlen
     mask_d = offs_d < HEAD_DIM
     rows = (start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * sqt + h * sqh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _load_tile(Q, rows, sqt, h, sqh, offs_d, mask_m[:, None] & mask_d[None, :])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -99,8 +122,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
         mask_n = cols < seqlen
         keys = (start + cols).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + keys[:, None] * skt + h * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + keys[:, None] * svt + h * svh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(K, keys, skt, h, skh, offs_d, kv_mask)
+        v = _load_tile(V, keys, svt, h, svh, offs_d, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))       # finite: every block has a valid key
@@ -111,8 +134,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU,
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * sot + h * soh + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    _store_tile(O, rows, sot, h, soh, offs_d, acc, mask_m[:, None] & mask_d[None, :])
     # natural-log LSE of the *unscaled-by-log2e* scores: (m + log2 l) * ln 2
     tl.store(LSE + h * total + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
@@ -126,8 +148,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sot, soh, sdt, sdh, total,
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
     r64 = rows.to(tl.int64)
-    o = tl.load(O + r64[:, None] * sot + h * soh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + r64[:, None] * sdt + h * sdh + offs_d[None, :], mask=mask, other=0.0)
+    o = _load_tile(O, r64, sot, h, soh, offs_d, mask)
+    do = _load_tile(DO, r64, sdt, h, sdh, offs_d, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + h * total + r64, delta, mask=rows < total)
 
@@ -143,8 +165,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    start = tl.load(CU + b)
-    seqlen = tl.load(CU + b + 1) - start
+    start, seqlen = _sequence(CU, b)
     if pid_n * BLOCK_N >= seqlen:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,8 +175,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
     mask_d = offs_d < HEAD_DIM
     keys = (start + offs_n).to(tl.int64)
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + keys[:, None] * skt + h * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + keys[:, None] * svt + h * svh + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_tile(K, keys, skt, h, skh, offs_d, kv_mask)
+    v = _load_tile(V, keys, svt, h, svh, offs_d, kv_mask)
     qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -165,10 +186,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
         mask_m = rows_i < seqlen
         rows = (start + rows_i).to(tl.int64)
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + rows[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * sdot + h * sdoh + offs_d[None, :], mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + h * total + rows, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + h * total + rows, mask=mask_m, other=0.0)
+        q = _load_tile(Q, rows, sqt, h, sqh, offs_d, q_mask)
+        do = _load_tile(DO, rows, sdot, h, sdoh, offs_d, q_mask)
+        lse2, delta = _row_stats(LSE, DELTA, h, total, rows, mask_m)
         # transposed scores: (BLOCK_N keys) x (BLOCK_M queries)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pt = tl.exp2(st - lse2[None, :])
@@ -179,8 +199,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
 
     dk = dk * sm_scale
-    tl.store(DK + keys[:, None] * sdkt + h * sdkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + keys[:, None] * sdvt + h * sdvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DK, keys, sdkt, h, sdkh, offs_d, dk, kv_mask)
+    _store_tile(DV, keys, sdvt, h, sdvh, offs_d, dv, kv_mask)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
@@ -193,8 +213,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    start = tl.load(CU + b)
-    seqlen = tl.load(CU + b + 1) - start
+    start, seqlen = _sequence(CU, b)
     if pid_m * BLOCK_M >= seqlen:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -204,10 +223,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
     mask_d = offs_d < HEAD_DIM
     rows = (start + offs_m).to(tl.int64)
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + rows[:, None] * sqt + h * sqh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + rows[:, None] * sdot + h * sdoh + offs_d[None, :], mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE + h * total + rows, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + h * total + rows, mask=mask_m, other=0.0)
+    q = _load_tile(Q, rows, sqt, h, sqh, offs_d, q_mask)
+    do = _load_tile(DO, rows, sdot, h, sdoh, offs_d, q_mask)
+    lse2, delta = _row_stats(LSE, DELTA, h, total, rows, mask_m)
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -216,8 +234,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
         mask_n = cols < seqlen
         keys = (start + cols).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + keys[:, None] * skt + h * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + keys[:, None] * svt + h * svh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_tile(K, keys, skt, h, skh, offs_d, kv_mask)
+        v = _load_tile(V, keys, svt, h, svh, offs_d, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
@@ -226,7 +244,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     dq = dq * sm_scale
-    tl.store(DQ + rows[:, None] * sdqt + h * sdqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    _store_tile(DQ, rows, sdqt, h, sdqh, offs_d, dq, q_mask)
 
 
 # --------------------------------------------------------------------------- launchers
