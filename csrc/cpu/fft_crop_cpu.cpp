@@ -10,8 +10,8 @@
 // * fft (fft_lanes.h): per slice (its two halves in the real and the imaginary
 //   plane of one complex transform), a mixed-radix FFT -> band -> inverse FFT
 //   along H and then along W, vectorised across the lanes of the other axis.
-//   O(N log N): for 224 -> 160 about a fifth of the GEMM's flops.  Needs no
-//   more than a per-thread scratch of a few hundred KB.
+//   O(N log N): for 224 -> 160 about a fifth of the GEMM's flops.  Needs a
+//   per-thread scratch of about 1 MB (224 x 224 float32).
 // * gemm: two small dense GEMMs per slice (224x224 @ 224x160, then
 //   160x224 @ 224x160 for a 224 -> 160 crop), each split into an even and an odd
 //   half of about a quarter of the size (the crop matrices commute with index
@@ -191,10 +191,7 @@ fft_lanes::Workspace<acc_t>* cached_workspace(const fft_lanes::SliceGeometry<acc
   if (ws && shape == want) return ws.get();
   ws.reset();
   shape = {-1, -1, -1, -1};
-  const int64_t longest = std::max({g.Hi, g.Wi, g.Ho, g.Wo});
-  const int64_t approx_bytes =
-      static_cast<int64_t>(sizeof(acc_t)) * (6 * longest * (fft_lanes::kLaneBlock + 4) + 2 * g.Hi * g.Wi + 2 * g.Wi * g.Ho);
-  if (approx_bytes > kCachedWorkspaceBytes) return nullptr;
+  if (fft_lanes::Workspace<acc_t>::bytes(g) > kCachedWorkspaceBytes) return nullptr;
   ws = std::make_unique<fft_lanes::Workspace<acc_t>>(g);
   shape = want;
   return ws.get();
@@ -242,7 +239,7 @@ void run_fft(const CropCall& call, at::Tensor& out) {
 }
 
 // The rule between the algorithms, in "GEMM flop" units per slice.  Measured on
-// the 2-core AVX-512 CI machine (docs/ops.md has the table): for smooth sizes
+// the 2-core AVX-512 CI machine (docs/benchmarks.md has the check): for smooth sizes
 // the FFT path runs at about half the GEMM's flop rate, and the GEMM path pays a
 // fixed ATen/BLAS call overhead per slice that dominates small images (28x28).
 constexpr double kFftFlopCost = 2.2;           // one FFT flop costs this many GEMM flops

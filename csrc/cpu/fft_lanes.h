@@ -128,12 +128,26 @@ struct Workspace {
   std::vector<T> input;   // the slice, staged (Hi x ld_in)
   std::vector<T> mid;     // Ar_h X transposed (Wi x ld_mid)
   explicit Workspace(const SliceGeometry<T>& g)
-      : plane(std::max({g.Hi, g.Ho, g.Wi, g.Wo}) * block_ld(kLaneBlock) + 64 / sizeof(T)),
-        ld_in(2 * half_up(g.Wi) + 4),
-        ld_mid(2 * half_up(g.Ho) + 4),
+      : plane(plane_for(g)),
+        ld_in(padded_pair(g.Wi)),
+        ld_mid(padded_pair(g.Ho)),
         input(g.Hi * ld_in, T(0)),
         mid(g.Wi * ld_mid, T(0)) {
     for (auto& b : buf) b.assign(2 * plane, T(0));
+  }
+
+  // The bytes a Workspace for g holds (before building it).
+  static int64_t bytes(const SliceGeometry<T>& g) {
+    const int64_t elements =
+        3 * 2 * plane_for(g) + g.Hi * padded_pair(g.Wi) + g.Wi * padded_pair(g.Ho);
+    return elements * static_cast<int64_t>(sizeof(T));
+  }
+
+ private:
+  // Row stride holding both halves of n (and the zero lane of an odd n), padded by 4.
+  static int64_t padded_pair(int64_t n) { return 2 * half_up(n) + 4; }
+  static int64_t plane_for(const SliceGeometry<T>& g) {
+    return std::max({g.Hi, g.Ho, g.Wi, g.Wo}) * block_ld(kLaneBlock) + 64 / static_cast<int64_t>(sizeof(T));
   }
 };
 
