@@ -41,10 +41,7 @@ def _resize_matrix(g0: int, gh: int, gw: int, device, dtype) -> torch.Tensor:
     key = (g0, gh, gw, torch.device(device), dtype)
     mat = _MATRICES.get(key)
     if mat is None:
-        eye = torch.eye(g0 * g0, dtype=torch.float64).reshape(g0 * g0, 1, g0, g0)
-        cols = torch.nn.functional.interpolate(eye, size=(gh, gw), mode="bicubic", antialias=True,
-                                               align_corners=False)
-        mat = cols.reshape(g0 * g0, gh * gw).t().contiguous().to(device=device, dtype=dtype)
+        mat = _ref.resize_matrix64(g0, gh, gw).to(device=device, dtype=dtype).contiguous()
         _MATRICES[key] = mat
     return mat
 
@@ -52,7 +49,7 @@ def _resize_matrix(g0: int, gh: int, gw: int, device, dtype) -> torch.Tensor:
 def _backward_impl(grad: torch.Tensor, pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     _, L, D = pos.shape
     g0 = int(round(L ** 0.5))
-    dtype = torch.float64 if pos.dtype == torch.float64 else torch.float32
+    dtype = _ref._intermediate_dtype(pos.dtype)
     R = _resize_matrix(g0, int(gh), int(gw), pos.device, dtype)
     return (R.t() @ grad.to(dtype).reshape(int(gh) * int(gw), D)).reshape(1, L, D).to(pos.dtype)
 

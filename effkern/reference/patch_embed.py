@@ -43,11 +43,12 @@ def _intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _resize_matrix64(old: int, new: int) -> torch.Tensor:
-    """R (new*new, old*old): F.interpolate of each basis image (timm's _compute_resize_matrix)."""
+def resize_matrix64(old: int, new_h: int, new_w: int) -> torch.Tensor:
+    """R (new_h*new_w, old*old) in float64: the bicubic antialiased resize of an old x old
+    grid as a matrix, column i the resized i-th basis image (timm's _compute_resize_matrix)."""
     eye = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
-    resized = F.interpolate(eye, size=(new, new), mode="bicubic", antialias=True, align_corners=False)
-    return resized.squeeze(1).permute(1, 2, 0).reshape(new * new, old * old)
+    resized = F.interpolate(eye, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    return resized.squeeze(1).permute(1, 2, 0).reshape(new_h * new_w, old * old)
 
 
 def resize_pinv(old: int, new: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -58,13 +59,13 @@ def resize_pinv(old: int, new: int, device: torch.device, dtype: torch.dtype) ->
     if mat is None and torch.compiler.is_compiling():
         # Traced: never store a traced tensor in the cache; compute inline
         # (an eager call, or warm_resize_cache, fills the cache for next time).
-        return torch.linalg.pinv(_resize_matrix64(int(old), int(new))).to(device=key[2], dtype=mdtype)
+        return torch.linalg.pinv(resize_matrix64(int(old), int(new), int(new))).to(device=key[2], dtype=mdtype)
     if mat is None:
         with _PINV_LOCK:
             mat = _PINV_CACHE.get(key)
             if mat is None:
                 with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                    pinv = torch.linalg.pinv(_resize_matrix64(int(old), int(new)))
+                    pinv = torch.linalg.pinv(resize_matrix64(int(old), int(new), int(new)))
                 mat = pinv.to(device=key[2], dtype=mdtype).contiguous()
                 _PINV_CACHE[key] = mat
     return mat
