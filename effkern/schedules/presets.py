@@ -50,6 +50,17 @@ def efficienttrain_pp() -> Schedule:
     return Schedule("efficienttrain++", stages)
 
 
+def _unit_fraction(key: str, value: str) -> float:
+    """A const-schedule value in (0, 1] (keep ratio, resolution), else a ValueError naming key."""
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"const schedule: {key} must be in (0, 1], got {value!r}")
+    return fraction
+
+
 def _parse_const(spec: str, body: str) -> Schedule:
     patch = None
     keep: dict[str, float] = {}
@@ -70,20 +81,9 @@ def _parse_const(spec: str, body: str) -> Schedule:
             branch = "default" if key == "keep" else key[len("keep_"):]
             if not branch:
                 raise ValueError(f"const schedule: {key!r} needs a branch name (keep_q=...)")
-            try:
-                ratio = float(value)
-            except ValueError:
-                ratio = float("nan")
-            if not 0.0 < ratio <= 1.0:
-                raise ValueError(f"const schedule: {key} must be in (0, 1], got {value!r}")
-            keep[branch] = ratio
+            keep[branch] = _unit_fraction(key, value)
         elif key in ("res", "resolution"):
-            try:
-                resolution = float(value)
-            except ValueError:
-                resolution = float("nan")
-            if not 0.0 < resolution <= 1.0:
-                raise ValueError(f"const schedule: {key} must be in (0, 1], got {value!r}")
+            resolution = _unit_fraction(key, value)
         elif key == "m":
             try:
                 m = int(value)
