@@ -1,6 +1,8 @@
-"""Build effkern._C against the installed torch.
+"""Build effkern._C against the installed torch: the only thing this file does.
 
-  pip install --no-build-isolation -e .      (or without -e)
+The package metadata, dependencies, extras and console script are in pyproject.toml.
+
+  pip install --no-build-isolation -e .      (or without -e; torch installed first)
 
 C++ CPU kernels are always built.  CUDA kernels (csrc/cuda/) are built when
 nvcc is found, or FORCE_CUDA=1, or TORCH_CUDA_ARCH_LIST is set -- never by
@@ -17,10 +19,9 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
 
 
 def _version() -> str:
@@ -116,22 +117,4 @@ def _extensions():
 
 ext_modules, build_ext = _extensions()
 
-setup(
-    name="effkern",
-    version=_version(),
-    description="Kernels, timm drop-ins and a thin trainer for cheap ViT pretraining "
-                "(token dropout, flexible patch size, Fourier low-frequency crop).",
-    packages=find_packages(include=["effkern", "effkern.*"]),
-    package_data={"effkern.schedules": ["aaip/*.json"]},
-    python_requires=">=3.11",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={
-        "timm": ["timm>=1.0"],
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "timm>=1.0", "scikit-learn", "matplotlib", "tqdm"],
-    },
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
-    entry_points={"console_scripts": ["effkern=effkern.cli:main"]},
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

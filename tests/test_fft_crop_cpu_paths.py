@@ -116,8 +116,7 @@ def test_algorithm_rule():
 
 
 _ISA_SCRIPT = r"""
-import json, sys, torch, effkern
-sys.path.insert(0, {tests!r})
+import json, torch, effkern, effkern.ops
 from oracles import fft_crop_oracle, rel_err
 errs = []
 for (n, c, H, W, h, w) in {shapes!r}:
@@ -136,8 +135,10 @@ print(json.dumps({{"isa": effkern.build_info()["cpu_isa"], "worst": max(errs)}})
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_every_instruction_set_build(isa):
     shapes = [SHAPES[0], SHAPES[4], SHAPES[7], SHAPES[8], SHAPES[10]]
-    env = dict(os.environ, EFFKERN_CPU_ISA=isa, EFFKERN_FFT_CROP_CPU="fft")
-    script = _ISA_SCRIPT.format(tests=os.path.dirname(__file__), shapes=shapes)
+    # tests/ on PYTHONPATH for the oracles, as pytest's pythonpath setting does in this process
+    env = dict(os.environ, EFFKERN_CPU_ISA=isa, EFFKERN_FFT_CROP_CPU="fft",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
+    script = _ISA_SCRIPT.format(shapes=shapes)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])

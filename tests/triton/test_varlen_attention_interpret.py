@@ -9,19 +9,15 @@ fp32 dots use input_precision="ieee", so fp32 matches the oracle to ~1e-6.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 import pytest
 import torch
 
 import effkern
 from effkern.ops import varlen_attention, varlen_attention_qkvpacked
+from oracles_attention import make_cu_seqlens, rel_err, varlen_attention_oracle
 
 va_module = importlib.import_module("effkern.ops.varlen_attention")  # the module, not the function
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from oracles_attention import make_cu_seqlens, rel_err, varlen_attention_oracle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (effkern.backend.triton_interpret() and effkern.backend.get_backend() == "triton"),
