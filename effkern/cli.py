@@ -44,21 +44,49 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+# command -> (module, function); each module is imported only when its command runs
+COMMANDS = {
+    "train": ("effkern.cli_train", "train_main"),
+    "bench": ("effkern.cli", "_bench"),
+    "schedule": ("effkern.cli_train", "schedule_main"),
+    "demo": ("effkern.cli_train", "demo_main"),
+}
+# what a command imports beyond torch and numpy: the extra that installs it
+_NEEDS = {"train": ("train", ("timm", "matplotlib", "tqdm")),
+          "demo": ("train", ("timm", "matplotlib", "tqdm")),
+          "schedule": ("timm", ("timm",))}
+USAGE = ("usage: effkern {train,bench,schedule,demo} ...\n\n"
+         "  train        train a ViT under a compute budget with a compression schedule\n"
+         "  bench NAME   microbenchmarks against peers (effkern bench --help)\n"
+         "  schedule     inspect schedules: effkern schedule show NAME\n"
+         "  demo         baseline vs accelerated MoCo v3 at the same budget (CPU, minutes)")
+
+
+def missing_packages(command: str) -> str | None:
+    """One line naming the packages ``command`` needs that are not installed and the extra
+    that installs them, or None.  find_spec only: nothing is imported."""
+    from importlib.util import find_spec
+
+    extra, modules = _NEEDS.get(command, ("", ()))
+    missing = [m for m in modules if find_spec(m) is None]
+    if not missing:
+        return None
+    return f"effkern {command}: needs {', '.join(missing)}, not installed: pip install 'effkern[{extra}]'"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from effkern import cli_train
-
-    commands = {"bench": _bench, "train": cli_train.train_main, "schedule": cli_train.schedule_main,
-                "demo": cli_train.demo_main}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: effkern {train,bench,schedule,demo} ...\n\n"
-              "  train        train a ViT under a compute budget with a compression schedule\n"
-              "  bench NAME   microbenchmarks against peers (effkern bench --help)\n"
-              "  schedule     inspect schedules: effkern schedule show NAME\n"
-              "  demo         baseline vs accelerated MoCo v3 at the same budget (CPU, minutes)",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return commands[argv[0]](argv[1:])
+    problem = missing_packages(argv[0])
+    if problem and not any(a in ("-h", "--help") for a in argv[1:]):
+        print(problem, file=sys.stderr)
+        return 2
+    import importlib
+
+    module, function = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), function)(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Package-level behaviour: build_info, the backend switch, the CLI."""
+"""Package-level behaviour: lazy imports, build_info, the backend switch, the CLI."""
 
 import os
 import subprocess
@@ -51,10 +51,10 @@ def test_env_backend_is_read_at_import():
 
 def test_import_without_extension_warns_and_falls_back():
     # Make `import effkern._C` fail as a broken build would: import still works,
-    # warns once with the reason, and the ops use the PyTorch reference.
+    # the first use of the ops warns once with the reason, and they use the PyTorch reference.
     code = ("import sys, warnings, torch\nsys.modules['effkern._C'] = None\n"
             "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
-            "    import effkern\n"
+            "    import effkern, effkern.ops\n"
             "print(sum('could not be loaded' in str(x.message) for x in w))\n"
             "print(effkern.build_info()['cpu_kernels'], effkern.build_info()['load_error'] is not None)\n"
             "x = torch.randn(1, 1, 8, 8, dtype=torch.float64)\n"
@@ -68,3 +68,54 @@ def test_import_without_extension_warns_and_falls_back():
 def test_cli_lists_benchmarks_and_rejects_unknown():
     out = subprocess.run([sys.executable, "-m", "effkern", "bench", "nope"], capture_output=True, text=True)
     assert out.returncode != 0 and "fft_crop" in out.stderr
+
+
+def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args, "-c", code], capture_output=True, text=True)
+
+
+def test_import_effkern_loads_neither_torch_nor_the_extension():
+    out = _run_python("import sys, effkern\n"
+                      "print(effkern.__version__, [m for m in ('torch', 'timm', 'effkern._C', 'effkern.ops')"
+                      " if m in sys.modules])")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [effkern.__version__, "[]"], out.stdout
+
+
+def test_public_names_load_on_first_use():
+    out = _run_python("import sys, effkern\n"
+                      "print(callable(effkern.ops.fft_crop), 'effkern.ops' in sys.modules)\n"
+                      "print(callable(effkern.timm.patch), effkern.get_backend())\n"
+                      "print(hasattr(__import__('torch').ops.effkern, 'fft_crop'))\n"
+                      "try:\n    effkern.nope\nexcept AttributeError as e:\n    print('AttributeError', e)")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:3] == ["True True", "True auto", "True"], out.stdout
+    assert lines[3].startswith("AttributeError") and "'nope'" in lines[3]
+
+
+def test_effkern_timm_without_timm_names_the_extra():
+    out = _run_python("import sys\nsys.modules['timm'] = None  # as if timm were not installed\n"
+                      "import effkern\ntry:\n    effkern.timm\nexcept ImportError as e:\n    print(e)")
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'effkern[timm]'" in out.stdout, out.stdout
+
+
+def test_cli_help_imports_no_torch():
+    out = _run_python("import sys\nfrom effkern.cli import main\nrc = main(['--help'])\n"
+                      "print(rc, [m for m in ('torch', 'timm', 'effkern.cli_train') if m in sys.modules])")
+    assert out.returncode == 0, out.stderr
+    assert "usage: effkern" in out.stdout and out.stdout.splitlines()[-1] == "0 []", out.stdout
+
+
+def test_cli_names_the_missing_extra(monkeypatch, capsys):
+    import importlib.util
+
+    from effkern import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert cli.main(["train", "--budget", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "effkern train: needs matplotlib, not installed: pip install 'effkern[train]'"
+    assert cli.missing_packages("bench") is None
