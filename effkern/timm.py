@@ -35,7 +35,7 @@ import torch.nn as nn
 from effkern.layers.packed_vit import packed_block
 from effkern.ops import patch_embed as _patch_embed
 from effkern.ops import sample_keep
-from effkern.ops.varlen_attention import SUPPORTED_HEAD_DIMS
+from effkern.ops.varlen_attention import HEAD_DIM_RANGE
 
 __all__ = ["patch", "create_model", "is_patched"]
 
@@ -85,8 +85,8 @@ def _check_model(model) -> None:
             raise _unsupported(f"blocks[{i}] is {type(blk).__name__} (only timm's pre-norm Block)")
         if type(blk.attn) is not Attention:
             raise _unsupported(f"blocks[{i}].attn is {type(blk.attn).__name__} (only timm.layers.Attention)")
-        if blk.attn.head_dim not in SUPPORTED_HEAD_DIMS:
-            raise _unsupported(f"head_dim {blk.attn.head_dim} (supported: {SUPPORTED_HEAD_DIMS})")
+        if not HEAD_DIM_RANGE[0] <= blk.attn.head_dim <= HEAD_DIM_RANGE[1]:
+            raise _unsupported(f"head_dim {blk.attn.head_dim} (supported: {HEAD_DIM_RANGE[0]} to {HEAD_DIM_RANGE[1]})")
 
 
 def is_patched(model) -> bool:

@@ -58,6 +58,13 @@ def test_matches_oracle(head_dim, dtype, poisoned):
     _check_against_oracle(*_inputs(lengths, 3, head_dim, dtype, seed=head_dim))
 
 
+@pytest.mark.parametrize("head_dim", [8, 12, 16, 48, 72, 256])
+def test_other_head_dims_match_oracle(head_dim):
+    """Every head_dim in 8..256 is accepted (timm ViTs use 8..256)."""
+    lengths = [5, 0, 1, 23, 7, 0, 16, 2]
+    _check_against_oracle(*_inputs(lengths, 3, head_dim, torch.float32, seed=head_dim))
+
+
 @pytest.mark.parametrize("lengths", [[1], [37], [0, 9, 0], [1, 1, 1, 1], [0, 0, 3]],
                          ids=["len1", "single", "empty-around", "all-len1", "leading-empty"])
 def test_ragged_edge_cases(lengths, poisoned):
@@ -223,7 +230,7 @@ def test_bad_inputs(case, match):
     elif case == "q_int":
         args["q"] = q.int()
     elif case == "head_dim":
-        x = torch.randn(10, 2, 48)
+        x = torch.randn(10, 2, 4)
         args.update(q=x, k=x, v=x)
     elif case == "cu_dtype":
         args["cu_seqlens"] = cu.long()
@@ -254,7 +261,7 @@ def test_bad_qkvpacked():
     with pytest.raises(ValueError, match="max_seqlen"):
         varlen_attention_qkvpacked(torch.randn(10, 3, 2, 32), cu, 4)
     with pytest.raises(ValueError, match="head_dim"):
-        varlen_attention_qkvpacked(torch.randn(10, 3, 2, 16), cu, 6)
+        varlen_attention_qkvpacked(torch.randn(10, 3, 2, 264), cu, 6)
 
 
 @cuda

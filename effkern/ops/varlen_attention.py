@@ -37,7 +37,7 @@ from effkern.backend import select, triton_available
 from effkern.ops import _checks
 from effkern.reference import varlen_attention as _ref
 
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+HEAD_DIM_RANGE = (8, 256)  # every head_dim in this range, inclusive, on every backend
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -72,8 +72,10 @@ def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
+    # head dims the Triton launchers do not take run on the reference path
     return (x.dtype in TRITON_DTYPES and triton_available()
-            and select(x.device, {"triton", "reference"}) == "triton")
+            and select(x.device, {"triton", "reference"}) == "triton"
+            and x.shape[-1] in _kernels().SUPPORTED_HEAD_DIMS)
 
 
 def _kernels():
@@ -84,8 +86,18 @@ def _kernels():
 
 # ------------------------------------------------------------------ implementations
 
+def _launch_args(q, cu_seqlens, max_seqlen):
+    """The guard in front of every kernel (Triton or reference), also for direct
+    torch.ops.effkern calls: cu_seqlens int32, 1-D, on q's device and contiguous
+    (the kernels read it as a dense array); max_seqlen clamped to the token count
+    (a looser bound only grows the launch grid, up to a hang for huge values)."""
+    cu_seqlens = _checks.index_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), device=q.device)
+    return cu_seqlens, max(0, min(int(max_seqlen), q.shape[0]))
+
+
 def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
     total, heads, head_dim = q.shape
+    cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
     out = _alloc((total, heads, head_dim), q)
     lse = _alloc((heads, total), q, _ref.lse_dtype(q.dtype))
     if _use_triton(q):
@@ -96,6 +108,7 @@ def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
 
 
 def _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv):
+    cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
     if _use_triton(q):
         _kernels().backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
     else:
@@ -202,15 +215,19 @@ torch.library.register_autograd("effkern::varlen_attention_qkvpacked_fwd", _pack
 
 # ------------------------------------------------------------------ validation + public API
 
-def _validate_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) -> int:
-    _checks.tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+def _validate_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device):
+    """-> (cu_seqlens made contiguous, max_seqlen clamped to total).  Any strides are
+    accepted (the kernels get a contiguous copy); max_seqlen above the token count is
+    clamped to it on the host (no sync): a sequence cannot be longer than all tokens."""
+    cu_seqlens = _checks.index_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), device=device)
     if cu_seqlens.shape[0] < 1:
         raise ValueError("cu_seqlens must have B+1 >= 1 elements (cu_seqlens[0] == 0)")
     max_seqlen = _checks.positive_int("max_seqlen", max_seqlen, minimum=0)
     if torch.compiler.is_compiling():
-        return max_seqlen  # values are data: not inspectable while tracing
+        return cu_seqlens, max_seqlen  # values are data: not inspectable while tracing
+    max_seqlen = min(max_seqlen, int(total))
     if cu_seqlens.device.type != "cpu" and not _debug():
-        return max_seqlen  # checking values would sync the GPU; EFFKERN_DEBUG=1 enables it
+        return cu_seqlens, max_seqlen  # checking values would sync the GPU; EFFKERN_DEBUG=1 enables it
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
         raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0].item()}")
@@ -222,18 +239,20 @@ def _validate_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device) 
     longest = lengths.max().item() if lengths.numel() else 0
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({longest})")
-    return max_seqlen
+    return cu_seqlens, max_seqlen
 
 
 def _validate_head(name: str, x: torch.Tensor, scale) -> float:
     head_dim = x.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{name} has head_dim {head_dim} (last dim); supported head_dim: "
-                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+    if x.shape[-2] == 0:
+        raise ValueError(f"{name} has 0 heads (shape {tuple(x.shape)}); heads must be >= 1")
+    lo, hi = HEAD_DIM_RANGE
+    if not lo <= head_dim <= hi:
+        raise ValueError(f"{name} has head_dim {head_dim} (last dim); supported head_dim: {lo} to {hi}")
     if scale is None:
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+        raise _checks.ArgumentTypeError(f"scale must be a finite float or None, got {scale!r}")
     if torch.compiler.is_compiling():
         # torch.compile(dynamic=True) traces float module attributes (timm's
         # Attention.scale) symbolically: the value is unknown while tracing (the
@@ -249,9 +268,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Non-causal softmax attention inside each packed sequence.
 
     q, k, v: (total, heads, head_dim), same shape/dtype/device; dtype float16/bfloat16/
-    float32/float64; head_dim in {32, 64, 80, 96, 128}.  cu_seqlens: int32 (B+1,),
-    0 = cu_seqlens[0] <= ... <= cu_seqlens[-1] = total (empty sequences allowed).
-    max_seqlen: int >= the longest sequence.  scale: default head_dim**-0.5.
+    float32/float64; head_dim in 8..256; heads >= 1.  cu_seqlens: int32 (B+1,), any
+    strides, 0 = cu_seqlens[0] <= ... <= cu_seqlens[-1] = total (empty sequences allowed).
+    max_seqlen: int >= the longest sequence (values above total are clamped to total).
+    scale: default head_dim**-0.5.  A NaN in q, k or v propagates (docs/ops_attention.md).
     Returns (total, heads, head_dim) in q's dtype; differentiable in q, k, v.
     """
     _checks.tensor("q", q, ndim=3, dtypes=DTYPES)
@@ -263,7 +283,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
     scale = _validate_head("q", q, scale)
-    max_seqlen = _validate_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    cu_seqlens, max_seqlen = _validate_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
     out, _ = torch.ops.effkern.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
     return out
 
@@ -278,6 +298,6 @@ def varlen_attention_qkvpacked(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_
     if qkv.shape[1] != 3:
         raise ValueError(f"qkv must be (total, 3, heads, head_dim), got shape {tuple(qkv.shape)}")
     scale = _validate_head("qkv", qkv, scale)
-    max_seqlen = _validate_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], qkv.device)
+    cu_seqlens, max_seqlen = _validate_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], qkv.device)
     out, _ = torch.ops.effkern.varlen_attention_qkvpacked_fwd(qkv, cu_seqlens, max_seqlen, scale)
     return out
