@@ -115,13 +115,19 @@ def _validate(x, size, mean, std):
             _checks.tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
             if t.shape[0] != x.shape[1]:
                 raise ValueError(f"{name} must have one value per channel ({x.shape[1]}), got {t.shape[0]}")
+        _checks.finite_values("mean", mean)
+        _checks.finite_values("std", std, nonzero=True)
     return h, w
 
 
-def _as_tensor(v, device):
+def _as_tensor(name, v, device):
+    """mean/std given as a Python sequence -> float32 tensor on x's device (values are
+    checked in _validate: a sequence is converted on the CPU first when x is elsewhere)."""
     if v is None or isinstance(v, torch.Tensor):
         return v
-    return torch.as_tensor(v, dtype=torch.float32, device=device)
+    host = _checks.float_vector(name, v, "cpu")
+    _checks.finite_values(name, host, nonzero=name == "std")
+    return host if device is None else host.to(device)
 
 
 def fft_crop(x: torch.Tensor, size, mean=None, std=None) -> torch.Tensor:
@@ -129,10 +135,12 @@ def fft_crop(x: torch.Tensor, size, mean=None, std=None) -> torch.Tensor:
 
     x: (N, C, H, W) float32/float64/float16/bfloat16, or uint8 with ``mean``
     and ``std`` (per-channel sequences or 1-D tensors).  Returns (N, C, h, w) in
-    x's dtype (float32 for uint8).  Differentiable in x (and mean/std).
+    x's dtype (float32 for uint8).  Differentiable in x (and mean/std).  mean must
+    be finite and std finite and non-zero: checked for Python sequences and CPU
+    tensors; CUDA tensors are not read (no device sync).
     """
-    mean, std = _as_tensor(mean, x.device if isinstance(x, torch.Tensor) else None), \
-        _as_tensor(std, x.device if isinstance(x, torch.Tensor) else None)
+    device = x.device if isinstance(x, torch.Tensor) else None
+    mean, std = _as_tensor("mean", mean, device), _as_tensor("std", std, device)
     h, w = _validate(x, size, mean, std)
     available = {"reference"}
     if _native.has_cpu_kernels():

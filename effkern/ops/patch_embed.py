@@ -25,6 +25,7 @@ path on every backend: dY @ W on cuBLAS plus one index_add.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Sequence
@@ -50,6 +51,15 @@ def _kernels():
     return kernels
 
 
+def _kernel_index(index: Optional[torch.Tensor], images: torch.Tensor) -> Optional[torch.Tensor]:
+    """The guard in front of every kernel, also for direct torch.ops.effkern calls: the
+    flat index is int64, 1-D, on the images' device and contiguous (the Triton kernels
+    read it as a dense int64 array)."""
+    if index is None:
+        return None
+    return _checks.index_tensor("index", index, dtypes=(torch.int64,), device=images.device)
+
+
 # ---------------------------------------------------------------------------
 # custom ops
 # ---------------------------------------------------------------------------
@@ -57,6 +67,7 @@ def _kernels():
 @torch.library.custom_op("effkern::patch_embed_fwd", mutates_args=())
 def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     pos: Optional[torch.Tensor], index: Optional[torch.Tensor], patch_size: int) -> torch.Tensor:
+    index = _kernel_index(index, images)
     if _backend(images.device) == "triton":
         return _kernels().patch_embed_fwd(images, weight, bias, pos, index, patch_size)
     return _ref.patch_embed_fwd(images, weight, bias, pos, index, patch_size)
@@ -65,6 +76,7 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 @torch.library.custom_op("effkern::patch_embed_bwd_weight", mutates_args=())
 def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, index: Optional[torch.Tensor],
                            patch_size: int) -> torch.Tensor:
+    index = _kernel_index(index, images)
     if _backend(images.device) == "triton":
         return _kernels().patch_embed_bwd_weight(grad, images, index, patch_size)
     return _ref.patch_embed_bwd_weight(grad, images, index, patch_size)
@@ -169,6 +181,8 @@ def _validate(images, weight, bias, patch_size, pos_embed, keep_idx, cu_seqlens,
     _checks.tensor("images", images, ndim=4, dtypes=FLOAT_DTYPES)
     p = _checks.positive_int("patch_size", patch_size)
     B, C, H, W = images.shape
+    if H == 0 or W == 0:
+        raise ValueError(f"images has spatial size (H, W) = {(H, W)}: no patches to embed")
     if H % p or W % p:
         raise ValueError(f"patch_size {p} must divide the image size (H, W) = {(H, W)}")
     _checks.tensor("weight", weight, ndim=4, dtypes=FLOAT_DTYPES)
@@ -194,16 +208,14 @@ def _validate(images, weight, bias, patch_size, pos_embed, keep_idx, cu_seqlens,
     if (keep_idx is None) != (cu_seqlens is None):
         raise ValueError("keep_idx and cu_seqlens must be given together (or neither)")
     if keep_idx is not None:
-        _checks.tensor("keep_idx", keep_idx, ndim=1, dtypes=INDEX_DTYPES)
-        _checks.tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES)
+        keep_idx = _checks.index_tensor("keep_idx", keep_idx, dtypes=INDEX_DTYPES, device=images.device)
+        cu_seqlens = _checks.index_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES, device=images.device)
         if cu_seqlens.shape[0] != B + 1:
             raise ValueError(f"cu_seqlens must have B+1 = {B + 1} entries, got {cu_seqlens.shape[0]}")
-        _same("keep_idx", keep_idx, images, False)
-        _same("cu_seqlens", cu_seqlens, images, False)
         if not torch.compiler.is_compiling() and (
                 images.device.type == "cpu" or os.environ.get("EFFKERN_DEBUG", "0") == "1"):
             _check_indices(keep_idx, cu_seqlens, (H // p) * (W // p))
-    return p
+    return p, keep_idx, cu_seqlens
 
 
 # ---------------------------------------------------------------------------
@@ -228,11 +240,15 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     # like torch's autocast for conv/linear: float64 inputs are left alone
     amp = (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
            and isinstance(images, torch.Tensor) and images.dtype != torch.float64)
-    p = _validate(images, weight, bias, patch_size, pos_embed, keep_idx, cu_seqlens, check_dtype=not amp)
+    p, keep_idx, cu_seqlens = _validate(images, weight, bias, patch_size, pos_embed, keep_idx, cu_seqlens,
+                                        check_dtype=not amp)
     B, C, H, W = images.shape
     gh, gw = H // p, W // p
     n = gh * gw
-    with torch.autocast(device_type, enabled=False):
+    # autocast exists for cpu/cuda only; meta (shape inference) and other devices run as is
+    no_autocast = (torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda")
+                   else contextlib.nullcontext())
+    with no_autocast:
         w2d = _ref.resize_weight(weight, p)
         pos = None if pos_embed is None else resize_pos_embed(pos_embed, (gh, gw))
         if amp:

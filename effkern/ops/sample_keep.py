@@ -27,7 +27,7 @@ from effkern.ops import _checks
 
 def _device(device, generator: Optional[torch.Generator], keep) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return _checks.device("device", device)
     if generator is not None:
         return torch.device(generator.device)
     if isinstance(keep, torch.Tensor):
@@ -47,6 +47,7 @@ def sample_keep(batch: int, num_patches: int, keep: Union[float, torch.Tensor],
     """
     B = _checks.positive_int("batch", batch)
     L = _checks.positive_int("num_patches", num_patches)
+    generator = _checks.generator("generator", generator)
     dev = _device(device, generator, keep)
     if generator is not None and torch.device(generator.device).type != dev.type:
         raise ValueError(f"generator is on {generator.device} but device is {dev}")
@@ -57,7 +58,8 @@ def sample_keep(batch: int, num_patches: int, keep: Union[float, torch.Tensor],
 
     if not isinstance(keep, torch.Tensor):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise ValueError(f"keep must be a ratio in (0, 1] or a (batch,) tensor of counts, got {keep!r}")
+            raise _checks.ArgumentTypeError(f"keep must be a ratio in (0, 1] or a (batch,) tensor of counts, "
+                                            f"got {keep!r}")
         keep = float(keep)
         if not (0.0 < keep <= 1.0):
             raise ValueError(f"keep ratio must be in (0, 1], got {keep}")

@@ -133,7 +133,7 @@ def patch_embed_fwd(images, weight, bias, pos, index, patch_size: int) -> torch.
         out = out + bias
     if pos is not None:
         if index is None:
-            out = (out.reshape(B, n, -1) + pos).reshape(B * n, -1)
+            out = (out.reshape(B, n, out.shape[-1]) + pos).reshape(B * n, out.shape[-1])
         else:
             out = out + pos.index_select(0, index % n)
     return out.contiguous()
