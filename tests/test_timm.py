@@ -281,14 +281,14 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("kw, what", [
-    ({"global_pool": "map"}, "attention pooling"),
-    ({"dynamic_img_size": True}, "dynamic_img_size"),
-    ({"patch_drop_rate": 0.5}, "patch_drop"),
+    ({"attn_layer": "diff"}, "DiffAttention"),
+    ({"block_fn": timm.models.vision_transformer.ParallelScalingBlock}, "ParallelScalingBlock"),
 ])
 def test_unsupported_models(kw, what):
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, depth=1, **kw)
-    with pytest.raises(ValueError, match=what):
+    with pytest.raises(ValueError, match=what) as err:
         et.patch(m)
+    assert "Supported:" in str(err.value)  # the error lists what is supported
 
 
 def test_unsupported_modules():

@@ -4,28 +4,33 @@ Tokens of all sequences are concatenated on dim 0: ``x`` is (total, D) and
 ``cu_seqlens`` int32 (B+1,) marks the sequence boundaries (DESIGN.md section 3).
 These functions reuse the parameters of live timm modules; they own no state.
 Everything except attention is token-wise, so the timm sub-modules (norms, Mlp,
-LayerScale, Linear) are called directly on the packed (total, D) tensor.
+LayerScale, Linear, SwiGLU) are called directly on the packed (total, D) tensor.
 """
 
 from __future__ import annotations
 
 import torch
 
+from effkern.layers.attention_dropout import varlen_attention_dropout
 from effkern.ops import varlen_attention_qkvpacked
 
 
 def packed_attention(attn, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """timm ``Attention.forward`` on packed tokens: (total, D) -> (total, D)."""
-    if attn.training and attn.attn_drop.p > 0:
-        raise ValueError("attention dropout (attn_drop_rate > 0) is not supported on the packed path "
-                         "in training mode")
+    """timm ``Attention.forward`` on packed tokens: (total, D) -> (total, D).
+
+    Attention dropout in training (``attn.attn_drop.p > 0``) runs the PyTorch
+    fallback effkern.layers.attention_dropout (the varlen kernels have no dropout)."""
     total = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(total, 3, attn.num_heads, attn.head_dim)
     if not isinstance(attn.q_norm, torch.nn.Identity) or not isinstance(attn.k_norm, torch.nn.Identity):
         q, k, v = qkv.unbind(1)
         qkv = torch.stack((attn.q_norm(q), attn.k_norm(k), v), dim=1)
-    out = varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale=attn.scale)
+    drop = float(attn.attn_drop.p) if attn.training else 0.0
+    if drop > 0.0:
+        out = varlen_attention_dropout(qkv, cu_seqlens, attn.scale, drop)
+    else:
+        out = varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale=attn.scale)
     out = attn.norm(out.reshape(total, attn.attn_dim))
     if gate is not None:
         out = out * gate
