@@ -73,6 +73,8 @@ def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse
                    help="at the end, also fit a linear probe on frozen features (docs/trainer.md)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and "
+                   "optimizer state over the ranks (FSDP2) instead of replicating them (DDP)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--calibration", default=None, help="JSON from `effkern schedule calibrate`: charge measured "
                    "instead of FLOP-predicted cost ratios")
@@ -104,7 +106,7 @@ def config_from_args(args):
         weight_decay_end=args.weight_decay_end, clip_grad=args.clip_grad,
         warmup=args.warmup, lr_schedule=args.lr_schedule, device=args.device, seed=args.seed,
         workers=args.workers, out_dir=args.out, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
-        log_every=args.log_every, linear_probe=args.linear_probe, resume=args.resume, compile=args.compile, progress_bar=not args.no_progress,
+        log_every=args.log_every, linear_probe=args.linear_probe, resume=args.resume, compile=args.compile, fsdp=args.fsdp, progress_bar=not args.no_progress,
         calibration=args.calibration)
 
 

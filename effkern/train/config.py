@@ -43,6 +43,7 @@ class TrainConfig:
     knn_t: float = 0.07
     linear_probe: bool = False       # also fit a linear probe on frozen features at the end
     compile: bool = False
+    fsdp: bool = False               # several ranks: FSDP2 fully_shard instead of DDP (train/dist.py)
     resume: bool = False
     progress_bar: bool = True
     stop_after_steps: int | None = None  # stop early (tests of resume); the budget is unchanged

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from effkern.schedules import Calibration, ModelCfg, ViewSpec, get_schedule, lr_at, view_cost, weight_decay_at
 from effkern.train import checkpoint as ckpt
-from effkern.train import ddp, dist
+from effkern.train import dist
 from effkern.train.config import TrainConfig
 
 MEAN = (0.485, 0.456, 0.406)
@@ -55,6 +55,9 @@ class Run:
         kwargs.update(cfg.model_kwargs)
         encoder = effkern.timm.create_model(cfg.model, **kwargs)
         self.method = build_method(cfg.method, encoder, **cfg.method_kwargs).to(self.device)
+        # several ranks: DDP or FSDP2 (dist.wrap_step) -- before the optimizer sees the parameters,
+        # which fully_shard replaces by their shards
+        self.step_fn = dist.wrap_step(self.method, self.device, "fsdp" if cfg.fsdp else "ddp")
         self.model_cfg = ModelCfg.from_timm(encoder)
         self.schedule = get_schedule(cfg.schedule)
         self.calibration = Calibration.load(cfg.calibration) if cfg.calibration else Calibration()
@@ -78,9 +81,8 @@ class Run:
         self.history: list[dict] = []
         if cfg.resume:
             self._load()
-        self.step_fn = self.method.training_step
         if cfg.compile:
-            self.step_fn = torch.compile(self.method.training_step)
+            self.step_fn = torch.compile(self.step_fn)
 
     # ------------------------------------------------------------ budget
     def global_size(self, size: int, stage) -> int:
@@ -152,33 +154,51 @@ class Run:
                                          generator=generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        ddp.all_reduce_grads_(self.method.parameters())
         extra = {}
         if cfg.clip_grad is not None:  # on the all-reduced gradient: the same on every rank
-            extra["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+            extra["grad_norm"] = dist.full_tensor(torch.nn.utils.clip_grad_norm_(
                 [p for p in self.method.parameters() if p.grad is not None], cfg.clip_grad))  # before clipping
         self.optimizer.step()
         self.state["spent"] += self.step_cost(stage)
         self.state["step"] += 1
         self.method.on_step_end(self.progress)
-        # the method's own metrics are this rank's; the logged loss is the global-batch mean
-        return {**metrics, **extra, "loss": ddp.mean_over_ranks(loss.detach()), "lr": lr, "wd": wd,
-                "stage": stage.name}
+        # tensors stay on the device: _flush_metrics averages them over ranks and reads them back
+        # at logging time (no host sync per step)
+        return {**metrics, **extra, "loss": loss.detach(), "lr": lr, "wd": wd, "stage": stage.name}
+
+    def _flush_metrics(self, pending: list[dict]) -> None:
+        """The records of the steps since the last call: their tensor metrics averaged over
+        ranks (one all-reduce: the global-batch loss) and read back together; images/s over
+        the interval; the losses appended to the history.  Every rank calls it at the same steps."""
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        keys = sorted({k for r in pending for k, v in r.items() if isinstance(v, torch.Tensor)})
+        if keys:
+            zero = torch.zeros((), device=self.device)
+            values = torch.stack([torch.stack([r.get(k, zero).float().reshape(()) for k in keys]) for r in pending])
+            for r, row in zip(pending, dist.mean_over_ranks(values).tolist()):
+                r.update({k: v for k, v in zip(keys, row) if k in r})
+        self.state["wall"] += time.perf_counter() - t0  # waiting for the device is part of the steps' time
+        interval = sum(r.pop("dt") for r in pending) + time.perf_counter() - t0
+        pending[-1]["images_per_s"] = len(pending) * self.cfg.batch_size / max(interval, 1e-9)
+        self.history.extend({"step": r["step"], "spent": r["spent"], "loss": r["loss"]} for r in pending)
+        pending.clear()
 
     # ------------------------------------------------------------ checkpoints
     def _save(self) -> None:
+        method_state, optimizer_state = dist.full_state(self.method, self.optimizer)  # FSDP2: a collective
         if self.rank != 0:
             return
-        ckpt.save_atomic({"cfg": self.cfg.to_dict(), "state": dict(self.state), "method": self.method.state_dict(),
-                          "optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
+        ckpt.save_atomic({"cfg": self.cfg.to_dict(), "state": dict(self.state), "method": method_state,
+                          "optimizer": optimizer_state, "rng": ckpt.rng_state(),
                           "history": self.history}, self.cfg.out_dir)
 
     def _load(self) -> None:
         saved = ckpt.load(self.cfg.out_dir, map_location=self.device)
         if saved is None:
             return
-        self.method.load_state_dict(saved["method"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        dist.load_full_state(self.method, self.optimizer, saved["method"], saved["optimizer"])
         self.state.update(saved["state"])
         self.history = list(saved["history"])
         ckpt.set_rng_state(saved["rng"])
@@ -217,7 +237,7 @@ class Run:
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
         bar = _progress_bar(cfg.progress_bar and self.rank == 0, self.state["spent"] / self.budget)
-        steps_this_process, done = 0, False
+        steps_this_process, done, pending = 0, False, []
         while not done:
             loader = make_loader(self.dataset, self.local_batch, self.state["epoch"], cfg.seed, self.rank,
                                  self.world, cfg.workers, start_batch=self.state["batch_in_epoch"])
@@ -228,19 +248,25 @@ class Run:
                     break
                 t0 = time.perf_counter()
                 record = self.train_step(views, labels)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0  # host time; the device catches up in _flush_metrics
                 self.state["wall"] += dt
                 self.state["images"] += cfg.batch_size
                 self.state["batch_in_epoch"] += 1
                 steps_this_process += 1
                 record.update(step=self.state["step"], epoch=self.state["epoch"], progress=self.progress,
-                              spent=self.state["spent"], images_per_s=cfg.batch_size / dt)
-                self.history.append({"step": record["step"], "spent": record["spent"], "loss": record["loss"]})
-                if self.rank == 0 and (self.state["step"] % max(1, cfg.log_every) == 0 or self.state["step"] == 1):
-                    _append_jsonl(metrics_path, record)
-                bar(self.progress, record)
+                              spent=self.state["spent"], dt=dt)
+                pending.append(record)
+                step = self.state["step"]
+                stopping = cfg.stop_after_steps is not None and steps_this_process >= cfg.stop_after_steps
+                if (step % max(1, cfg.log_every) == 0 or step == 1 or stopping
+                        or (cfg.eval_every and step % cfg.eval_every == 0)
+                        or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
+                    self._flush_metrics(pending)
+                    if self.rank == 0 and (step % max(1, cfg.log_every) == 0 or step == 1):
+                        _append_jsonl(metrics_path, record)
+                    bar(self.progress, record)
+                else:
+                    bar(self.progress, None)
                 if cfg.eval_every and self.state["step"] % cfg.eval_every == 0:
                     acc = self.knn()
                     self.history.append({"step": self.state["step"], "spent": self.state["spent"], "knn": acc})
@@ -249,13 +275,14 @@ class Run:
                                                      "progress": self.progress, "knn_acc": acc})
                 if cfg.ckpt_every and self.state["step"] % cfg.ckpt_every == 0:
                     self._save()
-                if cfg.stop_after_steps is not None and steps_this_process >= cfg.stop_after_steps:
+                if stopping:
                     bar(None, None)
                     self._save()
                     return {"stopped_early": True, **self.state}
             else:
                 self.state["epoch"] += 1
                 self.state["batch_in_epoch"] = 0
+        self._flush_metrics(pending)
         bar(None, None)
         acc = self.knn()
         self.history.append({"step": self.state["step"], "spent": self.state["spent"], "knn": acc})
@@ -297,7 +324,8 @@ def _append_jsonl(path: str, record: dict) -> None:
 
 
 def _progress_bar(enabled: bool, start: float):
-    """A tqdm bar over budget progress (0..100 %): images/s, stage, loss."""
+    """A tqdm bar over budget progress (0..100 %); images/s, stage and loss shown from the
+    records passed at logging time (``record=None``: progress only, nothing read back)."""
     if not enabled:
         return lambda progress, record: None
     from tqdm import tqdm
@@ -310,6 +338,8 @@ def _progress_bar(enabled: bool, start: float):
             bar.close()
             return
         bar.update(round(100 * progress, 2) - bar.n)
+        if record is None:
+            return
         bar.set_postfix(loss=f"{record['loss']:.3f}", stage=record.get("stage") or "-",
                         img_s=f"{record['images_per_s']:.0f}")
 
@@ -318,9 +348,9 @@ def _progress_bar(enabled: bool, start: float):
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) one training run; returns the summary."""
-    started = ddp.init_from_env(cfg.device)
+    started = dist.init_from_env(cfg.device)
     try:
         return Run(cfg).train()
     finally:
         if started:
-            ddp.destroy()
+            dist.destroy()

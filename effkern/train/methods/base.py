@@ -144,7 +144,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def training_step(self, views: list[Tensor], labels: Optional[Tensor], stage,
-                      progress: float, generator=None) -> tuple[Tensor, dict[str, float]]:
+                      progress: float, generator=None) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """(loss, metrics): metrics computed on the device are detached tensors, never read
+        back here (a host sync each step, and a graph break under torch.compile); the loop
+        reads them at logging time."""
         raise NotImplementedError
 
     def cost_views(self, base_size: int, stage) -> list[tuple[int, Optional[int], float, bool]]:

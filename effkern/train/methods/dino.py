@@ -193,7 +193,7 @@ class DINO(Method):
         tt = self.teacher_temp_at(progress)
         loss = dino_loss(student_out, teacher_out, self.center, tt, self.hp["student_temp"])
         self.update_center(t_all)
-        return loss, {"loss": float(loss.detach()), "teacher_temp": tt, "momentum": self.momentum_at(progress)}
+        return loss, {"loss": loss.detach(), "teacher_temp": tt, "momentum": self.momentum_at(progress)}
 
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:

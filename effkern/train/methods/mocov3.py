@@ -98,7 +98,7 @@ class MoCoV3(Method):
             k2 = self.momentum_projector(g2)
         T = self.hp["temperature"]
         loss = contrastive_loss(q1, k2, T) + contrastive_loss(q2, k1, T)
-        return loss, {"loss": float(loss.detach()), "momentum": self.momentum_at(progress)}
+        return loss, {"loss": loss.detach(), "momentum": self.momentum_at(progress)}
 
     def on_step_end(self, progress: float) -> None:
         m = self.momentum_at(progress)

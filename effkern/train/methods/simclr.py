@@ -54,4 +54,4 @@ class SimCLR(Method):
         z = self.projector(torch.cat([fa, fb], dim=0))
         za, zb = z.chunk(2, dim=0)
         loss = nt_xent(za, zb, self.hp["temperature"])
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}

@@ -30,4 +30,4 @@ class Supervised(Method):
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hp["label_smoothing"])
         hard = labels.argmax(-1) if labels.ndim == 2 else labels  # soft (mixup) targets work too
         acc = (logits.detach().argmax(-1) == hard).float().mean()
-        return loss, {"loss": float(loss.detach()), "acc": float(acc)}
+        return loss, {"loss": loss.detach(), "acc": acc}
