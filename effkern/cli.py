@@ -50,16 +50,18 @@ COMMANDS = {
     "bench": ("effkern.cli", "_bench"),
     "schedule": ("effkern.cli_train", "schedule_main"),
     "demo": ("effkern.cli_train", "demo_main"),
+    "doctor": ("effkern.tools.doctor", "doctor_main"),
 }
 # what a command imports beyond torch and numpy: the extra that installs it
 _NEEDS = {"train": ("train", ("timm", "matplotlib", "tqdm")),
           "demo": ("train", ("timm", "matplotlib", "tqdm")),
           "schedule": ("timm", ("timm",))}
-USAGE = ("usage: effkern {train,bench,schedule,demo} ...\n\n"
+USAGE = ("usage: effkern {train,bench,schedule,demo,doctor} ...\n\n"
          "  train        train a ViT under a compute budget with a compression schedule\n"
          "  bench NAME   microbenchmarks against peers (effkern bench --help)\n"
          "  schedule     inspect schedules: effkern schedule show NAME\n"
-         "  demo         baseline vs accelerated MoCo v3 at the same budget (CPU, minutes)")
+         "  demo         baseline vs accelerated MoCo v3 at the same budget (CPU, minutes)\n"
+         "  doctor       build info; --compile-gpu: compile every Triton kernel for sm_90/sm_80 (no GPU needed)")
 
 
 def missing_packages(command: str) -> str | None:
