@@ -1,7 +1,7 @@
 """Packed (ragged) forward functions for timm ViT ``Block`` / ``Attention`` modules.
 
 Tokens of all sequences are concatenated on dim 0: ``x`` is (total, D) and
-``cu_seqlens`` int32 (B+1,) marks the sequence boundaries (DESIGN.md section 3).
+``cu_seqlens`` int32 (B+1,) marks the sequence boundaries (docs/architecture.md).
 These functions reuse the parameters of live timm modules; they own no state.
 Everything except attention is token-wise, so the timm sub-modules (norms, Mlp,
 LayerScale, Linear, SwiGLU) are called directly on the packed (total, D) tensor.
