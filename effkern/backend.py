@@ -9,6 +9,9 @@ Backends
                ``TRITON_INTERPRET=1`` was set before ``import effkern`` (CI runs
                the real kernel code this way).
 ``cuda``       the CUDA C++ kernel (CUDA tensors).
+``flash``      PyTorch's FlashAttention-2 (``torch.nn.attention.varlen``, torch >= 2.10)
+               for ``varlen_attention`` on CUDA fp16/bf16, sm_80+, head_dim % 8 == 0
+               (elsewhere: ``auto``).  Not the ``auto`` choice: see docs/ops_attention.md.
 ``cpu``        the C++ CPU kernel (CPU tensors).
 ``reference``  the plain PyTorch implementation (any device).
 
@@ -26,7 +29,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference", "flash")
 
 _state = {"backend": "auto"}
 
@@ -81,7 +84,7 @@ def select(device: torch.device, available: Iterable[str]) -> str:
     """Pick the implementation for a tensor on ``device``.
 
     ``available`` names what the op has *in this process*: a subset of
-    ("triton", "cuda", "cpu", "reference"); the caller includes "cuda"/"cpu"
+    ("triton", "cuda", "cpu", "reference", "flash"); the caller includes "cuda"/"cpu"
     only when the compiled extension provides that kernel.
     """
     available = set(available)
@@ -92,6 +95,8 @@ def select(device: torch.device, available: Iterable[str]) -> str:
         return "triton"
     if forced == "cuda" and "cuda" in available and kind == "cuda":
         return "cuda"
+    if forced == "flash" and "flash" in available and kind == "cuda":
+        return "flash"
     if forced == "cpu" and "cpu" in available and kind == "cpu":
         return "cpu"
     if forced == "reference":

@@ -34,6 +34,7 @@ import os
 import torch
 
 from effkern.backend import select, triton_available
+from effkern.kernels import varlen_attn_torch as _flash  # the "flash" backend: torch's FlashAttention-2
 from effkern.ops import _checks
 from effkern.reference import varlen_attention as _ref
 
@@ -100,7 +101,9 @@ def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
     cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
     out = _alloc((total, heads, head_dim), q)
     lse = _alloc((heads, total), q, _ref.lse_dtype(q.dtype))
-    if _use_triton(q):
+    if _flash.selected(q):
+        _flash.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
+    elif _use_triton(q):
         _kernels().forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
     else:
         _ref.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
@@ -109,7 +112,9 @@ def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
 
 def _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv):
     cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
-    if _use_triton(q):
+    if _flash.selected(q):
+        _flash.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
+    elif _use_triton(q):
         _kernels().backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
     else:
         _ref.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
