@@ -1,6 +1,9 @@
 // fft_crop_cuda.cpp -- CUDA dispatch of effkern::fft_crop / fft_crop_backward:
-// argument checks, cached crop matrices on the device, the two kernel launches
-// (fft_crop_kernel.cu).  float64 runs the same math through ATen matmuls.
+// argument checks, cached crop matrices on the device, then one launch of the
+// fused tensor-core kernel (fft_crop_tc_kernel.cu) when the call fits it (sm_80+,
+// H and the output height <= 256, its shared memory within the device's limit),
+// else the two SIMT launches (fft_crop_kernel.cu).  float64 runs the same math
+// through ATen matmuls.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
@@ -11,9 +14,15 @@
 #include <ATen/ops/sub.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "cuda/fft_crop_kernel.h"
+#include "cuda/fft_crop_tc_kernel.h"
 #include "fft_crop_args.h"
 #include "fft_crop_plan.h"
 
@@ -43,6 +52,67 @@ at::Tensor apply_double(const at::Tensor& x, const AxisOp& rows, const AxisOp& c
   return y;
 }
 
+at::ScalarType to_scalar_type(DType t) {
+  switch (t) {
+    case DType::kFloat16: return at::kHalf;
+    case DType::kBFloat16: return at::kBFloat16;
+    case DType::kUInt8: return at::kByte;
+    default: return at::kFloat;
+  }
+}
+
+// A cached plan matrix (fp32, lives as long as the process) in another dtype, cached
+// by the fp32 tensor's address: the tensor-core kernel's half-precision operands.
+const at::Tensor& matrix_as(const at::Tensor& L, at::ScalarType dtype) {
+  if (L.scalar_type() == dtype) return L;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, at::Tensor> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const std::pair<const void*, int> key{L.data_ptr(), static_cast<int>(dtype)};
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, L.to(dtype).contiguous()).first;
+  return it->second;
+}
+
+// The fused tensor-core kernel, when the call and the device allow it; false: use the SIMT path.
+bool launch_fused(const CropCall& call, at::Tensor& out, cudaStream_t stream) {
+  const at::Tensor& x = call.x;
+  const AxisOp &rows = *call.rows, &cols = *call.cols;
+  const bool rank_one = rows.has_imag() && cols.has_imag();
+  FftCropTcArgs args{};
+  args.x = x.data_ptr();
+  args.y = out.data_ptr();
+  args.in_dtype = to_dtype(x.scalar_type());
+  args.out_dtype = to_dtype(call.out_dtype);
+  DType lh_dtype, lw_dtype;
+  fft_crop_tc_matrix_dtypes(args.in_dtype, &lh_dtype, &lw_dtype);
+  const at::Tensor& lh = matrix_as(rows.L, to_scalar_type(lh_dtype));
+  const at::Tensor& lw = matrix_as(cols.L, to_scalar_type(lw_dtype));
+  args.Lh = lh.data_ptr();
+  args.Lw = lw.data_ptr();
+  if (rank_one) {
+    args.lu_h = rows.lu.data_ptr<float>();
+    args.lv_h = rows.lv.data_ptr<float>();
+    args.lu_w = cols.lu.data_ptr<float>();
+    args.lv_w = cols.lv.data_ptr<float>();
+  }
+  args.scale = call.scale.defined() ? call.scale.data_ptr<float>() : nullptr;
+  args.shift = call.shift.defined() ? call.shift.data_ptr<float>() : nullptr;
+  args.slices = x.size(0) * x.size(1);
+  args.channels = x.size(1);
+  args.Hi = x.size(2);
+  args.Wi = x.size(3);
+  args.Ho = call.Ho;
+  args.Wo = call.Wo;
+  // torch.backends.cuda.matmul.allow_tf32: one TF32 pass; otherwise three (float32 accuracy).
+  args.tf32_single_pass = at::globalContext().allowTF32CuBLAS();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t smem = fft_crop_tc_smem_bytes(args);
+  if (prop->major < 8 || smem == 0 || smem > prop->sharedMemPerBlockOptin) return false;
+  C10_CUDA_CHECK(launch_fft_crop_tc(args, stream));
+  return true;
+}
+
 at::Tensor apply(const CropCall& call) {
   const c10::cuda::CUDAGuard guard(call.x.device());
   const at::Tensor& x = call.x;
@@ -55,11 +125,12 @@ at::Tensor apply(const CropCall& call) {
   const int64_t slices = x.size(0) * x.size(1);
   if (slices == 0) return out;
   const bool rank_one = rows.has_imag() && cols.has_imag();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (launch_fused(call, out, stream)) return out;
   // Rx = [R; rv^T]: stage 1 then also produces X rv in its last column.
   at::Tensor rx = rank_one ? at::cat({cols.L, cols.lv.unsqueeze(0)}, 0).contiguous() : cols.L;
   const int64_t nt = rx.size(0);
   at::Tensor t = at::empty({slices, H, nt}, x.options().dtype(at::kFloat));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(launch_fft_crop_stage1(x.data_ptr(), to_dtype(x.scalar_type()), rx.data_ptr<float>(),
                                         t.data_ptr<float>(), slices, H, W, nt, stream));
   C10_CUDA_CHECK(launch_fft_crop_stage2(

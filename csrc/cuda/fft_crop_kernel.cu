@@ -11,9 +11,11 @@
 //            the epilogue.
 // Layout: NCHW contiguous in and out; T is (slices, Hi, Wo+1) fp32 -- real, never
 // complex.  Tiling: 64x64 output tile per 256-thread block, K in steps of 16
-// through shared memory, 4x4 outputs per thread; fp32 FMA accumulation.  This is
-// the correctness-first version (SIMT, no tensor cores); it was compile-checked
-// in CI but NOT yet run on a GPU -- see docs/ops.md.
+// through shared memory, 4x4 outputs per thread; fp32 FMA accumulation (SIMT, no
+// tensor cores).  Since the fused tensor-core kernel (fft_crop_tc_kernel.cu) exists
+// this is the fallback for what it does not take: H or the output height > 256,
+// pre-sm_80 devices, shared memory over the device's limit.  Compile-checked in CI
+// (csrc/cuda/check_compile.py) but NOT yet run on a GPU -- see docs/ops.md.
 //
 // Only CUDA runtime headers here (no torch): nvcc compiles this file quickly.
 #include <cuda_bf16.h>
@@ -86,7 +88,7 @@ __device__ void tile_gemm(const Operand<TA>& A, const Operand<TB>& B, int64_t s,
 
 // Stage 1: T[s] (Hi x Nt) = X[s] (Hi x Wi) * Rx^T, Rx (Nt x Wi) fp32 row-major.
 template <typename in_t>
-__global__ void __launch_bounds__(kThreads) stage1_kernel(const in_t* __restrict__ x, const float* __restrict__ rx,
+__global__ void __launch_bounds__(kThreads, 1) stage1_kernel(const in_t* __restrict__ x, const float* __restrict__ rx,
                                                           float* __restrict__ t, int64_t slices, int64_t Hi, int64_t Wi,
                                                           int64_t Nt) {
   const int64_t m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
