@@ -23,7 +23,8 @@ def _tiny_method(name="mocov3"):
 
     encoder = effkern.timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4,
                                         depth=1, embed_dim=64, num_heads=2, num_classes=10)
-    hp = {"mocov3": dict(mlp_dim=32, out_dim=16, sync_bn=False), "simclr": dict(hidden_dim=32, out_dim=16, sync_bn=False),
+    hp = {"mocov3": dict(mlp_dim=32, out_dim=16, sync_bn=False),
+          "simclr": dict(hidden_dim=32, out_dim=16, sync_bn=False),
           "dino": dict(out_dim=40, hidden_dim=32, bottleneck_dim=16, n_local=2, local_size=8),
           "supervised": {}}[name]
     return build_method(name, encoder, **hp)
