@@ -31,11 +31,92 @@ def _kv(items: list[str], what: str) -> dict:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, ``PROG: error: MESSAGE (see PROG --help)``,
+    exit code 2 (argparse's own usage block is left out)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+
+def _check_device(option: str, value: str) -> None:
+    """--device names cpu or an available CUDA device (checked here: torch would fail with a
+    driver traceback deep inside the run)."""
+    import torch
+
+    from effkern.ops import _checks
+
+    device = _checks.device(option, value)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {value}: no CUDA GPU is available to torch on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {value}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise ValueError(f"{option} {value}: only cpu and cuda devices are supported")
+
+
+def _check_kwargs(option: str, kwargs: dict, defaults: dict, what: str) -> None:
+    """KEY=VALUE pairs: known keys, values of their default's kind (true is not an int)."""
+    from effkern.ops import _checks
+
+    for key, value in kwargs.items():
+        if key not in defaults:
+            raise ValueError(f"{option} {key}: not a {what} argument; valid: {', '.join(sorted(defaults))}")
+        _checks.like_default(f"{option} {key}", value, defaults[key])
+
+
+def _model_defaults() -> dict:
+    import inspect
+
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    params = dict(inspect.signature(VisionTransformer.__init__).parameters)
+    params.update(inspect.signature(timm.create_model).parameters)
+    return {k: p.default for k, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD or p.kind == p.KEYWORD_ONLY
+            if k not in ("self", "model_name")}
+
+
+def _check_args(args) -> None:
+    """What argparse cannot express: ranges, finite numbers, the device, --model-arg and
+    --method-arg keys and types, --resume with a checkpoint in --out.  ValueError naming the option."""
+    import math
+
+    from effkern.train import checkpoint as ckpt
+    from effkern.train.methods import _REGISTRY
+
+    for option, minimum in (("base_size", 1), ("batch_size", 1), ("limit_train", 1), ("limit_test", 1),
+                            ("workers", 0), ("ckpt_every", 0), ("eval_every", 0), ("log_every", 1)):
+        value = getattr(args, option, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
+    for option in ("budget", "epochs_equivalent", "lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup"):
+        value = getattr(args, option, None)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{option.replace('_', '-')} must be a finite number, got {value}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0.0 <= args.warmup <= 1.0:
+        raise ValueError(f"--warmup must be a fraction in [0, 1], got {args.warmup}")
+    _check_device("--device", args.device)
+    _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(), "timm VisionTransformer")
+    method = _REGISTRY[str(args.method).lower().replace("-", "").replace("_", "")]
+    _check_kwargs("--method-arg", _kv(args.method_arg, "--method-arg"), method.DEFAULTS, f"{args.method} method")
+    if args.resume:
+        ckpt.require(args.out)
+    elif getattr(args, "auto_resume", False):
+        args.resume = bool(ckpt.available(args.out))
+
+
 def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse.ArgumentParser:
     from effkern.schedules import PRESETS
     from effkern.train.methods import METHODS
 
-    p = argparse.ArgumentParser(prog=prog, add_help=add_help, description="Train a ViT (MoCo v3 / SimCLR / DINO "
+    p = _Parser(prog=prog, add_help=add_help, description="Train a ViT (MoCo v3 / SimCLR / DINO "
                                 "/ supervised) under a compute budget with scheduled input compression.")
     p.add_argument("--method", default="mocov3", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (randomly initialised)")
@@ -71,7 +152,10 @@ def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--linear-probe", action="store_true",
                    help="at the end, also fit a linear probe on frozen features (docs/trainer.md)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly (an error when "
+                   "--out holds no checkpoint; falls back to checkpoint.prev.pt if checkpoint.pt is damaged)")
+    p.add_argument("--auto-resume", action="store_true", help="resume when --out holds a checkpoint, else start "
+                   "a fresh run there")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and "
                    "optimizer state over the ranks (FSDP2) instead of replicating them (DDP)")
@@ -90,6 +174,7 @@ def config_from_args(args):
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; valid: {', '.join(METHODS)}")
     get_schedule(args.schedule)  # raises ValueError listing the valid names
+    _check_args(args)
     if args.data not in DATASETS and not os.path.exists(args.data):
         raise ValueError(f"unknown dataset {args.data!r}: not one of {', '.join(DATASETS)} and no such path")
     if args.budget is not None and not args.budget > 0:
@@ -115,14 +200,14 @@ def train_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     from effkern.train.loop import train
     from effkern.train.report import summary_table
 
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # effkern's argument/file checks (CheckpointError is a ValueError)
         parser.error(str(exc))
     if summary.get("stopped_early"):
         return 0
@@ -131,7 +216,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def schedule_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="effkern schedule", description="Inspect compression schedules.")
+    p = _Parser(prog="effkern schedule", description="Inspect compression schedules.")
     sub = p.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="stages, their cost per image and the predicted speedup")
     show.add_argument("name")
@@ -163,6 +248,10 @@ def schedule_main(argv: list[str]) -> int:
                       "baseline minibatches the comparison is made at (larger n favours unbiased strategies)")
     args = p.parse_args(argv)
     if args.cmd == "calibrate":
+        try:
+            _check_device("--device", args.device)
+        except ValueError as exc:
+            cal.error(str(exc))
         return _calibrate(args)
     if args.cmd == "search":
         try:
@@ -171,10 +260,15 @@ def schedule_main(argv: list[str]) -> int:
             srch.error(str(exc))
     import effkern.timm
     from effkern.schedules import ModelCfg, describe, get_schedule
+    from effkern.schedules.presets import check_patch_sizes
     from effkern.train.methods import build_method
 
     try:
         schedule = get_schedule(args.name)
+        if args.base_size < 1:
+            raise ValueError(f"--base-size must be >= 1, got {args.base_size}")
+        check_patch_sizes(schedule, args.base_size)
+        _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(), "timm VisionTransformer")
         encoder = effkern.timm.create_model(args.model, pretrained=False, img_size=args.base_size,
                                             **_kv(args.model_arg, "--model-arg"))
         method = build_method(args.method, encoder)
@@ -268,7 +362,11 @@ def _calibrate(args) -> int:
 
 def demo_main(argv: list[str]) -> int:
     """Baseline and accelerated MoCo v3 at the same budget on Fashion-MNIST; one table."""
-    p = argparse.ArgumentParser(prog="effkern demo", description=demo_main.__doc__)
+    import math
+
+    from effkern.schedules import get_schedule
+
+    p = _Parser(prog="effkern demo", description=demo_main.__doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget", type=float, default=None, help="millions of units (default: 1 baseline epoch of "
                    "--limit-train images)")
@@ -277,6 +375,16 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--accelerated", default="const:keep=0.25", help="the schedule compared with the baseline")
     p.add_argument("--out", default="runs/demo")
     args = p.parse_args(argv)
+    try:
+        _check_device("--device", args.device)
+        if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+            raise ValueError(f"--budget must be a finite number > 0, got {args.budget}")
+        for option in ("limit_train", "limit_test"):
+            if getattr(args, option) < 1:
+                raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+        get_schedule(args.accelerated)
+    except ValueError as exc:
+        p.error(str(exc))
     from effkern.train.config import TrainConfig
     from effkern.train.loop import train
     from effkern.train.report import summary_table

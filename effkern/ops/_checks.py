@@ -113,6 +113,30 @@ def finite_values(name: str, value: torch.Tensor, *, nonzero: bool = False) -> N
         raise ValueError(f"{name} must be non-zero (it divides), got {v.tolist()}")
 
 
+def like_default(name: str, value, default):
+    """``value`` of the kind ``default`` has (a keyword argument checked against its default):
+    a bool default takes a bool; an int default an int or a list of ints (never a bool);
+    a float default a real number (not a bool); a str default a str.  Other defaults
+    (None, classes) take anything."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok = is_int(value) or (isinstance(value, (list, tuple)) and len(value) > 0 and all(map(is_int, value)))
+        kind = "an int"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return value
+    if not ok:
+        raise ArgumentTypeError(f"{name} must be {kind} (default {default!r}), got {value!r}")
+    return value
+
+
 def generator(name: str, value) -> torch.Generator | None:
     if value is not None and not isinstance(value, torch.Generator):
         raise ArgumentTypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")

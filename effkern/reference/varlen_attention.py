@@ -11,6 +11,11 @@ padding).  On CPU each batch runs ATen's fused CPU attention
 arithmetic, returns the logsumexp); elsewhere, or if that private op is missing,
 plain batched matmuls + softmax.  fp16/bf16 are computed in float32.  Reads cu_seqlens on
 the host (a sync on CUDA: this path is for CPU, tests and debugging).
+
+NaN and inf propagate as in torch's math attention path (a NaN in q[t] makes out[t]
+NaN; a NaN in k[s] or v[s] reaches every row of s's sequence): ATen's fused CPU
+kernel instead turns a query row holding a NaN into zeros, so inputs that are not
+all finite take the plain-matmul path (one isfinite pass over the inputs decides).
 """
 
 from __future__ import annotations
@@ -60,9 +65,14 @@ def _flash_cpu(x: torch.Tensor):
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _group_forward(qg, kg, vg, scale):
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """True when no input holds a NaN or inf (then the fused CPU kernel may be used)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _group_forward(qg, kg, vg, scale, fused: bool = True):
     """(n, H, L, D) -> out (n, H, L, D), lse (n, H, L)."""
-    flash = _flash_cpu(qg)
+    flash = _flash_cpu(qg) if fused else None
     if flash is not None:  # it requires dense (n, H, L, D) operands
         return flash(qg.contiguous(), kg.contiguous(), vg.contiguous(), scale=scale)
     s = torch.matmul(qg, kg.transpose(-1, -2)) * scale              # (n, H, L, L)
@@ -70,8 +80,8 @@ def _group_forward(qg, kg, vg, scale):
     return torch.matmul(torch.exp(s - m), vg), m[..., 0]
 
 
-def _group_backward(dog, qg, kg, vg, og, lg, scale):
-    if _flash_cpu(qg) is not None:
+def _group_backward(dog, qg, kg, vg, og, lg, scale, fused: bool = True):
+    if fused and _flash_cpu(qg) is not None:
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         dog, qg, kg, vg, og = (t.contiguous() for t in (dog, qg, kg, vg, og))
         return bwd(dog, qg, kg, vg, og, lg, 0.0, False, scale=scale)
@@ -88,8 +98,9 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, out=None, lse=No
     ct = _compute_dtype(q.dtype)
     out = torch.empty((total, heads, head_dim), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((heads, total), device=q.device, dtype=ct) if lse is None else lse
+    fused = q.device.type == "cpu" and _all_finite(q, k, v)
     for _, idx in _groups(cu_seqlens, q.device, heads):
-        og, lg = _group_forward(*(_gather(t, idx, ct) for t in (q, k, v)), scale)
+        og, lg = _group_forward(*(_gather(t, idx, ct) for t in (q, k, v)), scale, fused)
         _scatter(out, idx, og)
         lse[:, idx] = lg.permute(1, 0, 2).to(lse.dtype)             # (H, n, L)
     return out, lse
@@ -102,9 +113,10 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float,
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dq is None else dq
     dk = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dk is None else dk
     dv = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dv is None else dv
+    fused = q.device.type == "cpu" and _all_finite(q, k, v, out, dout)
     for _, idx in _groups(cu_seqlens, q.device, q.shape[1]):
         qg, kg, vg, og, dog = (_gather(t, idx, ct) for t in (q, k, v, out, dout))
         lg = lse[:, idx].permute(1, 0, 2).to(ct).contiguous()          # (n, H, L)
-        for dst, g in zip((dq, dk, dv), _group_backward(dog, qg, kg, vg, og, lg, scale)):
+        for dst, g in zip((dq, dk, dv), _group_backward(dog, qg, kg, vg, og, lg, scale, fused)):
             _scatter(dst, idx, g)
     return dq, dk, dv

@@ -7,17 +7,23 @@
                            bandwidth B = 96/224 (progress < 0.2), 160/224 (< 0.6), then 1.0;
                            RandAugment magnitude m = floor(10 * progress) clipped to 0..9
                            (num_ops 2, mstd 0.5: applied by the trainer)
-  file:PATH                Schedule.from_json(open(PATH).read())
+  file:PATH                Schedule.from_json(open(PATH).read()); a missing, unreadable or
+                           malformed file is a ValueError naming the file
+
+A stage's patch size must divide the images the global views are trained at:
+``check_patch_sizes(schedule, image_size)`` (the trainer calls it) raises a ValueError
+otherwise, instead of training those views at the native patch size unannounced.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 from effkern.schedules.stage import Schedule, Stage
 
-__all__ = ["PRESETS", "get_schedule", "efficienttrain_pp"]
+__all__ = ["PRESETS", "get_schedule", "efficienttrain_pp", "check_patch_sizes"]
 
 # AAIP schedules derived by `effkern schedule search` (docs/schedules.md: procedure and values;
 # effkern's own derivation on Fashion-MNIST -- the paper's exact schedules are unpublished).
@@ -115,9 +121,47 @@ def get_schedule(spec: str) -> Schedule:
         path = spec[len("file:"):]
         if not path:
             raise ValueError("file: schedule needs a path (file:PATH)")
-        with open(path) as f:
-            return Schedule.from_json(f.read())
+        return _from_file(path)
     raise _unknown(spec)
+
+
+_FILE_FORMAT = '{"name": ..., "stages": [{"start": 0.0, "stage": {"patch_size": ..., "keep": {...}, ...}}, ...]}'
+
+
+def _from_file(path: str) -> Schedule:
+    """Schedule.from_json of the file at ``path``; every failure is one ValueError naming the file."""
+    where = f"schedule file {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{where} is a directory, not a JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return Schedule.from_json(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except KeyError as exc:
+        raise ValueError(f"{where}: a stage entry lacks the key {exc}; expected {_FILE_FORMAT}") from None
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a valid schedule: {exc}") from None
+    except (TypeError, AttributeError) as exc:
+        raise ValueError(f"{where} is not a valid schedule ({exc}); expected {_FILE_FORMAT}") from None
+
+
+def check_patch_sizes(schedule: Schedule, image_size: int) -> None:
+    """ValueError when a stage's patch size does not divide ``image_size`` (the global
+    views' size): those views would silently keep the native patch size.  Views of
+    other sizes (e.g. DINO's local crops) still fall back to the native patch."""
+    for start, stage in schedule.stages:
+        p = stage.patch_size
+        if p is not None and image_size % p:
+            divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
+            raise ValueError(f"schedule {schedule.name!r}: patch size {p} (stage at progress {start:g}) does "
+                             f"not divide the {image_size} px images; use one of {divisors}")
 
 
 def etpp_magnitude(progress: float) -> int:

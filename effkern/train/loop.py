@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from effkern.schedules import Calibration, ModelCfg, ViewSpec, get_schedule, lr_at, view_cost, weight_decay_at
+from effkern.schedules.presets import check_patch_sizes
 from effkern.train import checkpoint as ckpt
 from effkern.train import dist
 from effkern.train.config import TrainConfig
@@ -60,6 +61,7 @@ class Run:
         self.step_fn = dist.wrap_step(self.method, self.device, "fsdp" if cfg.fsdp else "ddp")
         self.model_cfg = ModelCfg.from_timm(encoder)
         self.schedule = get_schedule(cfg.schedule)
+        check_patch_sizes(self.schedule, cfg.base_size)
         self.calibration = Calibration.load(cfg.calibration) if cfg.calibration else Calibration()
         self.plan = self.method.view_plan(cfg.base_size)
         self.randaug = RandAugmentMagnitude()
@@ -195,10 +197,12 @@ class Run:
                           "history": self.history}, self.cfg.out_dir)
 
     def _load(self) -> None:
-        saved = ckpt.load(self.cfg.out_dir, map_location=self.device)
-        if saved is None:
-            return
-        dist.load_full_state(self.method, self.optimizer, saved["method"], saved["optimizer"])
+        saved, path = ckpt.load_for_resume(self.cfg.out_dir, self.cfg.to_dict(), map_location=self.device)
+        try:
+            dist.load_full_state(self.method, self.optimizer, saved["method"], saved["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:  # shapes/keys of another model or optimizer
+            raise ckpt.CheckpointError(f"{path} does not fit this run's model/optimizer: "
+                                       f"{str(exc).strip().splitlines()[0][:160]}") from None
         self.state.update(saved["state"])
         self.history = list(saved["history"])
         ckpt.set_rng_state(saved["rng"])
