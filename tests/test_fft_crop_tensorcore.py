@@ -82,7 +82,7 @@ def test_emulated_kernel_matches_oracle(shape, dtype):
 
 
 def test_single_pass_tf32_is_the_documented_tf32_accuracy():
-    # One TF32 pass (torch's allow_tf32) must be visibly worse than three split passes:
+    # One TF32 pass (torch's CUDA matmul precision "tf32") must be visibly worse than three split passes:
     # this also shows the emulation really rounds the operands.
     x = _x((2, 3, 64, 48), torch.float32, seed=3)
     ref = fft_crop_oracle(x, (32, 40))
@@ -215,3 +215,19 @@ def test_cuda_large_call_falls_back_and_uint8_fuses():
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     y = fft_crop(xu.cuda(), (160, 160), mean.cuda(), std.cuda()).cpu()
     assert rel_err(y, fft_crop_oracle(xu, (160, 160), mean, std)) < 1e-5
+
+
+@requires_cuda
+def test_cuda_tf32_precision_selects_one_pass():
+    from effkern.ops import fft_crop
+
+    x = _x((2, 3, 64, 48), torch.float32, seed=8)
+    ref = fft_crop_oracle(x, (32, 40))
+    saved = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        y1 = fft_crop(x.cuda(), (32, 40)).cpu()
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+    assert 1e-5 < rel_err(y1, ref) < 2e-3
+    assert rel_err(y1, fft_crop_tensorcore(x, (32, 40), tf32_single_pass=True)) < 1e-5

@@ -104,8 +104,12 @@ bool launch_fused(const CropCall& call, at::Tensor& out, cudaStream_t stream) {
   args.Wi = x.size(3);
   args.Ho = call.Ho;
   args.Wo = call.Wo;
-  // torch.backends.cuda.matmul.allow_tf32: one TF32 pass; otherwise three (float32 accuracy).
-  args.tf32_single_pass = at::globalContext().allowTF32CuBLAS();
+  // torch's CUDA matmul precision "tf32" (torch.backends.cuda.matmul.fp32_precision, also
+  // set by allow_tf32 = True or set_float32_matmul_precision("high")): one TF32 pass;
+  // otherwise three (float32 accuracy).  Not allowTF32CuBLAS(): it throws when the
+  // legacy and the new API were both used.
+  args.tf32_single_pass = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                          at::Float32Precision::TF32;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const size_t smem = fft_crop_tc_smem_bytes(args);
   if (prop->major < 8 || smem == 0 || smem > prop->sharedMemPerBlockOptin) return false;

@@ -28,8 +28,8 @@
 //     split operands a = a_hi + a_lo (both rounded to tf32 with cvt.rna):
 //     acc += a_lo b_hi; acc += a_hi b_lo; acc += a_hi b_hi  -- float32-level error
 //     (the a_lo b_lo term is below fp32 rounding).  uint8 values are exact in tf32,
-//     so stage 1 skips the a_lo pass for them.  With torch's TF32 matmul flag set
-//     (torch.backends.cuda.matmul.allow_tf32) one pass: ~1e-3 relative error.
+//     so stage 1 skips the a_lo pass for them.  When torch's CUDA matmul precision
+//     is "tf32" (torch.backends.cuda.matmul.fp32_precision) one pass: ~4e-4 relative.
 //   fp16 / bf16 input: m16n16k16 in the input dtype for stage 1 (X exact, Lw rounded
 //     to the input dtype), bf16 for stage 2 (T and Lh rounded to bf16: bf16 has
 //     fp32's range, so T cannot overflow for finite fp16 input); fp32 accumulation.

@@ -31,7 +31,7 @@ struct FftCropTcArgs {
   const float* shift;
   int64_t slices, channels;
   int64_t Hi, Wi, Ho, Wo;
-  // fp32/uint8 input: true = one TF32 pass (allowed by torch's TF32 matmul flag),
+  // fp32/uint8 input: true = one TF32 pass (torch's CUDA matmul precision is "tf32"),
   // false = three TF32 passes (split operands, float32-level accuracy).
   bool tf32_single_pass;
 };

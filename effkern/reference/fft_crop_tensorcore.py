@@ -19,7 +19,7 @@ numerics the GPU will produce:
 - fp32 / uint8 input, three passes per k-step in the kernel's order on split
   operands a = a_hi + a_lo: acc += a_lo b_hi; acc += a_hi b_lo; acc += a_hi b_hi
   (uint8 is exact in tf32, so its a_lo pass is skipped), or one pass of a_hi b_hi
-  when torch's TF32 matmul flag is set (``tf32_single_pass=True``);
+  when torch's CUDA matmul precision is "tf32" (``tf32_single_pass=True``);
 - fp16 / bf16 input: stage 1 in the input dtype (x exact, Lw rounded), T rounded
   to bf16, stage 2 in bf16 (Lh rounded);
 - the epilogue in fp32: y = (acc - lu_h[i] s lu_w[j]) * scale[c] + shift[c], then
