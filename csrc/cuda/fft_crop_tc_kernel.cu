@@ -36,21 +36,36 @@
 //     The caller passes Lw/Lh already in those types (rounded once from the fp32
 //     plan), which halves their share of the L2 -> shared-memory traffic.
 // effkern/reference/fft_crop_tensorcore.py emulates exactly this arithmetic on the
-// CPU (operand rounding, pass order, fp32 accumulation per k-step) and
+// CPU (operand rounding, pass order, fp32 accumulation per instruction) and
 // tests/test_fft_crop_tensorcore.py checks it against the float64 oracle.
 //
 // Why nvcuda::wmma and not inline mma.sync PTX or sm_90 wgmma: wmma compiles to the
 // same HMMA instructions as mma.sync (checked by csrc/cuda/check_compile.py), and its
 // fragment layouts are the compiler's business -- this kernel was written without a
 // GPU to run it on, so hand-placed fragment/ldmatrix layouts (mma.sync) or wgmma's
-// shared-memory descriptors and swizzles were an untestable risk.  The kernel is
-// bandwidth-bound in bf16/fp16 (see docs/ops.md for the estimate), where wgmma's
-// extra throughput buys little; fp32 with three TF32 passes is math-bound and is
-// the case where wgmma (or folding the even/odd halves of the crop matrices, which
-// halves the multiply-adds) would pay off first.
+// shared-memory descriptors and swizzles were an untestable risk.  In bf16/fp16
+// memory and mma time are about equal (estimate below), and the L2 re-reads and
+// synchronous staging are expected to bind first, so wgmma would buy little until
+// those are fixed; fp32 with three TF32 passes is math-bound and is where wgmma (or
+// folding the even/odd halves of the crop matrices, which halves the multiply-adds)
+// would pay off first.
 //
-// Shared memory per block (Hi = Ho = 224): fp32 ~110 KB (2 blocks per H100 SM),
-// half ~63 KB (3 blocks per SM).  NOT yet run on a GPU -- see docs/ops.md.
+// Occupancy: __launch_bounds__(256, 2) keeps it at <= 128 registers (122-126, no
+// spills, sm_80 and sm_90); shared memory per block at Hi = Ho = 224 is 108 KB
+// (fp32/uint8) or 62 KB (half), so 2 blocks (16 warps) per H100/H200 SM.
+//
+// Expected speed (an estimate -- NOT yet run on a GPU; docs/ops.md has the table).
+// (256, 3, 224, 224) -> 160 moves 233 MB (fp32) or 117 MB (bf16, uint8 -> fp32):
+// 70 / 35 us at H100's 3.35 TB/s, 49 / 24 us at H200's 4.8 TB/s.  The products are
+// 21 GFLOP, at an assumed ~330 (TF32) / ~660 (bf16) TFLOP/s for mma.sync-class
+// code on either chip: bf16 and one-pass TF32 sit at the roofline's ridge (expect
+// 40-55 % of HBM bandwidth on H100, 30-45 % on H200), the float32-accurate three
+// passes (63 GFLOP, uint8 51) are math-bound (fp32 ~25-30 % on H100, ~20 % on
+// H200; uint8 ~20 / ~15 %).  Below the roofline because every 64-column block
+// re-reads X and Lh from L2 (L2 -> SM traffic ~4-6x the HBM traffic) and X is
+// staged synchronously (no cp.async pipeline).  Next steps, largest first: fold the
+// even/odd halves of the crop matrices (half the multiply-adds), fp16 two-pass
+// stage 1 for uint8, wider blocks, cp.async/TMA, wgmma.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
