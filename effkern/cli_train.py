@@ -119,13 +119,19 @@ def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse
     p = _Parser(prog=prog, add_help=add_help, description="Train a ViT (MoCo v3 / SimCLR / DINO "
                                 "/ supervised) under a compute budget with scheduled input compression.")
     p.add_argument("--method", default="mocov3", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (randomly initialised)")
+    p.add_argument("--model", default=None, help="timm ViT name (randomly initialised); default: a preset by "
+                   "--base-size (<= 64 px: patch 4, 4 blocks, width 128; larger: vit_tiny_patch16_224)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="extra timm.create_model kwarg")
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method hyper-parameter")
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits, or a path to an ImageFolder tree")
     p.add_argument("--base-size", type=int, default=32, help="image size the data is resized to")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--val-split", type=int, default=0, help="hold out this many training images (fixed seed) "
+                   "and evaluate on them instead of the test split: for choosing hyper-parameters")
+    p.add_argument("--augment", choices=("auto", "small", "paper"), default="auto",
+                   help="augmentation preset: auto = small (<= 64 px: crop scale 0.3-1, no solarize/blur) "
+                        "or paper (the official recipes), by --base-size; colour ops off for 1-channel data")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=float, default=None, help="millions of units (one unit = one forward "
                         "of one image at the base size, native patch, no dropout)")
@@ -134,14 +140,18 @@ def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse
     p.add_argument("--schedule", default="none", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--et-crop", choices=("fft", "resize"), default="fft",
                    help="ET++ low-frequency crop: effkern.ops.fft_crop on the device, or down-sampling")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch")
-    p.add_argument("--lr", type=float, default=1.5e-4, help="learning rate per 256 images")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate per 256 images, scaled to the batch "
+                   "by --lr-rule (default: peak 1.4e-3 at batch 128)")
+    p.add_argument("--lr-rule", choices=("sqrt", "linear", "none"), default="sqrt",
+                   help="peak LR = lr*sqrt(batch/256) (AdamW at small batches), lr*batch/256 (the papers' "
+                        "large-batch recipes) or lr itself")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--weight-decay-end", type=float, default=None,
                    help="cosine ramp of the weight decay to this value over the run (DINO: 0.04 -> 0.4)")
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the global gradient norm to this value (DINO: 3.0); default: no clipping")
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the budget")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up: this fraction of the run's optimizer steps")
     p.add_argument("--lr-schedule", choices=("cosine", "poly"), default="cosine")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -185,7 +195,8 @@ def config_from_args(args):
     return TrainConfig(
         method=args.method, model=args.model, model_kwargs=_kv(args.model_arg, "--model-arg"),
         method_kwargs=_kv(args.method_arg, "--method-arg"), data=args.data, base_size=args.base_size,
-        limit_train=args.limit_train, limit_test=args.limit_test, budget=args.budget,
+        limit_train=args.limit_train, limit_test=args.limit_test, val_split=args.val_split, augment=args.augment,
+        lr_rule=args.lr_rule, budget=args.budget,
         epochs_equivalent=None if args.budget is not None else epochs, schedule=args.schedule,
         et_crop=args.et_crop, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         weight_decay_end=args.weight_decay_end, clip_grad=args.clip_grad,
@@ -275,11 +286,10 @@ def schedule_main(argv: list[str]) -> int:
     except ValueError as exc:
         p.error(str(exc))
     cfg = ModelCfg.from_timm(encoder)
-    from effkern.schedules import ViewSpec
 
     def views_fn(stage):
         size = max(1, round(args.base_size * stage.resolution))
-        return [ViewSpec(r, patch or cfg.patch_size, keep, grad) for r, patch, keep, grad in method.cost_views(size, stage)]
+        return method.view_specs(size, stage, cfg.patch_size)
 
     print(describe(schedule, cfg, views_fn))
     return 0

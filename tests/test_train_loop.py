@@ -57,8 +57,13 @@ def test_budget_in_units_matches_the_cost_model(tmp_path):
     cfg = tiny_cfg(tmp_path, epochs_equivalent=None, budget=1e-3)  # 1000 units
     run = Run(cfg)
     per_step = run.step_cost(run.schedule.at(0.0))
-    # MoCo v3: 2 views through the base encoder (fwd+bwd = 3 units) + 2 momentum forwards (1 unit)
-    assert per_step == pytest.approx(32 * (2 * 3 + 2 * 1), rel=1e-6)
+    # MoCo v3: 2 views through the base encoder (fwd+bwd = 3 units) + 2 momentum forwards (1 unit),
+    # each with its heads (projector + predictor / momentum projector) in units of the encoder forward
+    from effkern.schedules import unit_flops
+
+    hq, hk = (run.method.head_flops(g) / unit_flops(run.model_cfg) for g in (True, False))
+    assert hq > hk > 0
+    assert per_step == pytest.approx(32 * (2 * 3 * (1 + hq) + 2 * (1 + hk)), rel=1e-6)
     summary = run.train()
     assert summary["steps"] == int(1000 // per_step)
 
@@ -193,6 +198,7 @@ def test_weight_decay_schedule_ramps_only_decaying_groups(tmp_path):
     assert wds[0] == pytest.approx(0.04, abs=1e-3) and wds == sorted(wds) and wds[-1] < 0.4
     run = Run(tiny_cfg(tmp_path, "check", weight_decay=0.04, weight_decay_end=0.4))
     run.state["spent"] = run.budget  # progress 1
+    run.state["step"] = run.total_steps  # the weight-decay ramp follows the fraction of steps done
     views, labels = next(iter(make_loader(
         run.dataset, run.local_batch, 0, 0)))
     run.train_step(views, labels)

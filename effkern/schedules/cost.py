@@ -10,10 +10,17 @@ L = n + num_prefix_tokens tokens, hidden H = mlp_ratio * D:
               proj       2 L D D
               mlp        2 * 2 L D H
 
-Ignored: LayerNorm, softmax, GELU, biases, residual adds, position embedding, the final
-norm, pooling and the classifier / projection head (all O(L D) or batch-size-only terms,
-a few % at most).  The backward pass is taken as 2x the forward, so a trained view costs
-3x its forward, a forward-only (momentum / teacher) view 1x.
+plus the heads the method runs on the view's pooled feature (``ViewSpec.head_flops``: the
+MoCo v3 projector + predictor, the SimCLR projector, the DINO head, the classifier; 2 in out
+per Linear layer, counted by the method).  They do not shrink with the schedule: with the
+papers' 4096-wide MLPs on a short sequence they are a large part of the step (MoCo v3's
+projector + predictor at D 192: 41 MFLOPs per view; ViT-Tiny on 64 patches: 730 MFLOPs
+with 12 blocks, 244 with 4, so a keep of 0.25 leaves the heads at a quarter of the step).
+
+Ignored: LayerNorm, BatchNorm, softmax, GELU, biases, residual adds, position embedding,
+the final norm and pooling (all O(L D) or batch-size-only terms, a few % at most).  The
+backward pass is taken as 2x the forward, so a trained view costs 3x its forward (heads
+included), a forward-only (momentum / teacher) view 1x.
 
 `calibrate` times real forward+backward steps and returns measured / predicted ratios,
 for devices where the analytic model is off (small models, fixed per-step costs).
@@ -28,7 +35,7 @@ from typing import Callable, Sequence
 
 from effkern.schedules.stage import Schedule, Stage
 
-__all__ = ["ModelCfg", "ViewSpec", "tokens", "forward_flops", "unit_flops", "view_cost",
+__all__ = ["ModelCfg", "ViewSpec", "tokens", "forward_flops", "linear_flops", "unit_flops", "view_cost",
            "step_cost", "predicted_speedup", "describe", "default_views_fn", "Calibration",
            "calibrate"]
 
@@ -70,6 +77,7 @@ class ViewSpec:
     patch_size: int
     keep: float
     grad: bool
+    head_flops: float = 0.0  # forward FLOPs per image of the heads run on this view's feature
 
 
 def tokens(cfg: ModelCfg, resolution: int, patch_size: int, keep: float) -> int:
@@ -90,14 +98,27 @@ def forward_flops(cfg: ModelCfg, resolution: int, patch_size: int, keep: float) 
     return embed + cfg.depth * block
 
 
+def linear_flops(module) -> float:
+    """Forward FLOPs per sample of every Linear layer in ``module`` (2 in out each; a layer
+    with a ``weight_v`` (weight-normalised) counts by that matrix), e.g. a projection head."""
+    total = 0.0
+    for m in module.modules():
+        w = getattr(m, "weight_v", None)
+        if w is None and type(m).__name__ == "Linear":
+            w = m.weight
+        if w is not None:
+            total += 2.0 * w.shape[0] * w.shape[1]
+    return total
+
+
 def unit_flops(cfg: ModelCfg) -> float:
     """FLOPs of one unit: one forward of one image at cfg.img_size, cfg.patch_size, keep 1."""
     return forward_flops(cfg, cfg.img_size, cfg.patch_size, 1.0)
 
 
 def view_cost(cfg: ModelCfg, view: ViewSpec) -> float:
-    """Cost of one image of `view` in units (x3 when backpropagated)."""
-    f = forward_flops(cfg, view.resolution, view.patch_size, view.keep) / unit_flops(cfg)
+    """Cost of one image of `view` in units, encoder and heads (x3 when backpropagated)."""
+    f = (forward_flops(cfg, view.resolution, view.patch_size, view.keep) + view.head_flops) / unit_flops(cfg)
     return f * (3.0 if view.grad else 1.0)
 
 

@@ -25,6 +25,29 @@ setting (0.8, 0.8, 0.8, 0.2).
 
 Gaussian blur: sigma ~ U(0.1, 2.0) pixels *at 224 px*; for smaller views the range is scaled
 by ``size / 224`` (a 2-px blur on a 32-px view would erase it), the kernel covers +-3 sigma.
+
+Resolution-aware presets (``augment_preset``): the table above is the ``"paper"`` preset,
+written for 224 px photographs.  On small images it mostly destroys the signal: a crop of
+8 % of a 28 px image is a 8x8 px patch of texture, solarize on a grayscale garment inverts
+it, blur with sigma < 0.3 px does nothing, and colour jitter's saturation / hue and the
+grayscale op are no-ops on one-channel data.  The ``"small"`` preset (chosen by ``"auto"``
+for base sizes up to ``SMALL_MAX`` = 64 px) therefore uses
+
+=====================  ==================  ==================================================
+knob                   paper               small (<= 64 px)
+=====================  ==================  ==================================================
+global crop scale      (0.08, 1)           (0.3, 1)  (DINO keeps its (0.4, 1))
+local crop scale       (0.05, 0.4)         (0.1, 0.4)
+solarize               0.2 on view 2       off
+blur                   as the table        off
+colour jitter          (0.4,0.4,0.2,0.1)   same on RGB; brightness / contrast only on 1 channel
+grayscale              0.2                 same on RGB; off on 1 channel
+supervised crop scale  (0.08, 1)           (0.3, 1)
+=====================  ==================  ==================================================
+
+The one-channel rule depends on the *dataset's* channel count (``ImageData.channels``), not
+on the 3-channel replica the model sees.  Every op still draws its random numbers when it is
+switched off, so a preset changes the augmentations, never the random stream's layout.
 """
 from __future__ import annotations
 
@@ -38,6 +61,35 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 METHODS = ("mocov3", "simclr", "dino", "supervised")
+PRESETS = ("auto", "small", "paper")
+SMALL_MAX = 64  # base sizes up to this many pixels get the "small" preset under "auto"
+
+
+@dataclass(frozen=True)
+class AugmentPreset:
+    """The resolution- and channel-dependent knobs of the recipes (module docstring)."""
+    name: str
+    global_scale: tuple | None   # None: each method's paper scale
+    local_scale: tuple
+    solarize: bool
+    blur: bool
+    color: bool                  # saturation / hue jitter and the grayscale op (RGB data only)
+    supervised_scale: tuple
+
+
+def augment_preset(name: str = "auto", base_size: int = 224, channels: int = 3) -> AugmentPreset:
+    """``"paper"``, ``"small"``, or ``"auto"`` = small for base_size <= SMALL_MAX, else paper;
+    ``channels`` (of the dataset) switches the colour ops off for one-channel data."""
+    if name not in PRESETS:
+        raise ValueError(f"augment preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    if int(channels) not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if name == "auto":
+        name = "small" if int(base_size) <= SMALL_MAX else "paper"
+    color = int(channels) == 3
+    if name == "paper":
+        return AugmentPreset("paper", None, (0.05, 0.4), True, True, color, (0.08, 1.0))
+    return AugmentPreset("small", (0.3, 1.0), (0.1, 0.4), False, False, color, (0.3, 1.0))
 
 
 # ----------------------------------------------------------------------------- random helpers
@@ -157,13 +209,15 @@ class SSLView:
     p_gray: float = 0.2
     p_blur: float = 1.0
     p_solarize: float = 0.0
+    color: bool = True  # False: saturation / hue jitter and grayscale off (one-channel data)
 
     def __call__(self, img: Tensor, g: torch.Generator) -> Tensor:
         img = RandomResizedCrop(self.size, self.scale)(img, g)
         img = _flip(img, g)
         if _bernoulli(g, self.p_jitter):
-            img = _color_jitter(img, g, *self.jitter)
-        if _bernoulli(g, self.p_gray) and img.shape[0] == 3:
+            b, c, s, h = self.jitter
+            img = _color_jitter(img, g, b, c, s if self.color else 0.0, h if self.color else 0.0)
+        if _bernoulli(g, self.p_gray) and img.shape[0] == 3 and self.color:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         if _bernoulli(g, self.p_blur):
             img = _gaussian_blur(img, g, self.size)
@@ -283,34 +337,41 @@ def _kind_size(view) -> tuple[str, int]:
     return kind, int(size)
 
 
-def view_transforms(method: str, view_plan: list, randaug=None) -> list:
+def view_transforms(method: str, view_plan: list, randaug=None, preset: AugmentPreset | None = None) -> list:
     """One ``fn(img uint8 (C,H,W), generator) -> uint8 (C,size,size)`` per entry of ``view_plan``
     (objects with ``.kind`` in {"global", "local"} and ``.size`` in pixels).
 
-    ``randaug`` (a ``RandAugmentMagnitude`` or a float) only affects ``supervised``.
+    ``randaug`` (a ``RandAugmentMagnitude`` or a float) only affects ``supervised``;
+    ``preset`` (``augment_preset``) defaults to the paper recipes.
     """
     key = method.lower().replace("-", "").replace("_", "")
     if key in ("mocov3", "moco"):
         key = "mocov3"
     if key not in METHODS:
         raise ValueError(f"no augmentation recipe for method {method!r}; known: {', '.join(METHODS)}")
+    pr = preset or augment_preset("paper")
+    blur = 1.0 if pr.blur else 0.0
+    solarize = 0.2 if pr.solarize else 0.0
     out = []
     n_global = 0
     for view in view_plan:
         kind, size = _kind_size(view)
         if key == "supervised":
-            out.append(SupervisedView(size, randaug=randaug))
+            out.append(SupervisedView(size, scale=pr.supervised_scale, randaug=randaug))
             continue
         if kind == "local":
-            out.append(SSLView(size, scale=(0.05, 0.4), p_blur=0.5))
+            out.append(SSLView(size, scale=pr.local_scale, p_blur=0.5 * blur, color=pr.color))
             continue
         n_global += 1
         if key == "simclr":
-            out.append(SSLView(size, scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), p_blur=0.5))
+            out.append(SSLView(size, scale=pr.global_scale or (0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
+                               p_blur=0.5 * blur, color=pr.color))
         else:
-            scale = (0.08, 1.0) if key == "mocov3" else (0.4, 1.0)
+            paper_scale = (0.08, 1.0) if key == "mocov3" else (0.4, 1.0)
+            scale = paper_scale if pr.global_scale is None else (  # the larger lower bound (DINO keeps 0.4)
+                max(paper_scale[0], pr.global_scale[0]), max(paper_scale[1], pr.global_scale[1]))
             if n_global == 2:
-                out.append(SSLView(size, scale=scale, p_blur=0.1, p_solarize=0.2))
+                out.append(SSLView(size, scale=scale, p_blur=0.1 * blur, p_solarize=solarize, color=pr.color))
             else:
-                out.append(SSLView(size, scale=scale, p_blur=1.0))
+                out.append(SSLView(size, scale=scale, p_blur=blur, color=pr.color))
     return out

@@ -17,6 +17,11 @@ a filesystem path
     sub-folders those are the splits, otherwise a seeded 90/10 split of the whole tree.
     The short side is resized to ``base_size`` and the centre ``base_size`` square kept.
 
+Validation split (``val_split=n``): ``n`` images are carved out of the training split with
+a fixed seed (the same images for every run seed, before ``limit_train``) and take the
+place of the test split; the test split is then not used at all.  Hyper-parameters are
+chosen on it, never on the test split.
+
 Grayscale datasets are replicated to 3 channels with ``expand`` (a stride-0 view: no extra
 memory; call ``.contiguous()`` if a real copy is needed).
 
@@ -62,6 +67,7 @@ class ImageData:
     num_classes: int
     name: str
     classes: tuple | None = None  # class names where known
+    channels: int = 3             # the dataset's own channel count (1: grayscale replicated to RGB)
 
     def __repr__(self) -> str:
         return (f"ImageData({self.name!r}, train={tuple(self.train_images.shape)}, "
@@ -109,9 +115,30 @@ def _read_idx(path: str) -> np.ndarray:
     return data.reshape(dims)
 
 
+VAL_SALT = 3  # the validation split's seed (fixed: independent of the run seed)
+
+
+def carve_validation(n: int, val_split: int) -> tuple[Tensor, Tensor] | None:
+    """(validation indices, remaining training indices), both sorted, of a training split of
+    ``n`` items; None for ``val_split == 0``."""
+    val_split = int(val_split)
+    if val_split == 0:
+        return None
+    if not 0 < val_split < n:
+        raise ValueError(f"val_split must be in [0, {n}) for a training split of {n} images, got {val_split}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SALT))
+    return perm[:val_split].sort().values, perm[val_split:].sort().values
+
+
 def _finish(name, tr_x, tr_y, te_x, te_y, num_classes, base_size, limit_train, limit_test, seed,
-            classes=None) -> ImageData:
-    """Apply limits (before resizing, to save time), resize, replicate to RGB."""
+            classes=None, val_split: int = 0) -> ImageData:
+    """Carve the validation split, apply limits (before resizing, to save time), resize,
+    replicate to RGB."""
+    carved = carve_validation(len(tr_y), val_split)
+    if carved is not None:
+        val, rest = carved
+        tr_x, tr_y, te_x, te_y = tr_x[rest], tr_y[rest], tr_x[val], tr_y[val]
+        name = f"{name}/val{int(val_split)}"
     idx = _seeded_subset(len(tr_y), limit_train, seed, 1)
     if idx is not None:
         tr_x, tr_y = tr_x[idx], tr_y[idx]
@@ -120,7 +147,7 @@ def _finish(name, tr_x, tr_y, te_x, te_y, num_classes, base_size, limit_train, l
         te_x, te_y = te_x[idx], te_y[idx]
     return ImageData(_to_rgb(_resize_uint8(tr_x, base_size)), tr_y.long().contiguous(),
                      _to_rgb(_resize_uint8(te_x, base_size)), te_y.long().contiguous(),
-                     num_classes, name, tuple(classes) if classes is not None else None)
+                     num_classes, name, tuple(classes) if classes is not None else None, int(tr_x.shape[1]))
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -180,7 +207,7 @@ def _load_folder(samples: Sequence[tuple[str, int]], base_size: int) -> tuple[Te
     return x, y
 
 
-def _load_image_folder(root: str, base_size: int, limit_train, limit_test, seed) -> ImageData:
+def _load_image_folder(root: str, base_size: int, limit_train, limit_test, seed, val_split: int = 0) -> ImageData:
     from torchvision.datasets import ImageFolder
 
     name = os.path.basename(os.path.normpath(root)) or root
@@ -207,6 +234,11 @@ def _load_image_folder(root: str, base_size: int, limit_train, limit_test, seed)
         tr_samples = [full.samples[i] for i in tr_idx]
         te_samples = [full.samples[i] for i in te_idx]
         classes = full.classes
+    carved = carve_validation(len(tr_samples), val_split)
+    if carved is not None:
+        val, rest = carved
+        tr_samples, te_samples = [tr_samples[i] for i in rest.tolist()], [tr_samples[i] for i in val.tolist()]
+        name = f"{name}/val{int(val_split)}"
     # limits before decoding: only the chosen images are read
     idx = _seeded_subset(len(tr_samples), limit_train, seed, 1)
     if idx is not None:
@@ -220,10 +252,11 @@ def _load_image_folder(root: str, base_size: int, limit_train, limit_test, seed)
 
 
 def load_dataset(name_or_path: str, base_size: int, limit_train: int | None = None,
-                 limit_test: int | None = None, seed: int = 0) -> ImageData:
+                 limit_test: int | None = None, seed: int = 0, val_split: int = 0) -> ImageData:
     """Load a dataset into memory as uint8 (N, 3, base_size, base_size) tensors.
 
-    ``limit_train``/``limit_test`` pick deterministic seeded subsets (kept in dataset order).
+    ``limit_train``/``limit_test`` pick deterministic seeded subsets (kept in dataset order);
+    ``val_split > 0`` evaluates on that many held-out training images instead of the test split.
     """
     base_size = int(base_size)
     if base_size < 1:
@@ -232,14 +265,14 @@ def load_dataset(name_or_path: str, base_size: int, limit_train: int | None = No
     if key in ("fashion-mnist", "fashionmnist", "fmnist"):
         tr_x, tr_y, te_x, te_y = _load_fashion_mnist()
         return _finish("fashion-mnist", tr_x, tr_y, te_x, te_y, 10, base_size, limit_train, limit_test, seed,
-                       FASHION_MNIST_CLASSES)
+                       FASHION_MNIST_CLASSES, val_split)
     if key == "digits":
         tr_x, tr_y, te_x, te_y = _load_digits(seed)
         return _finish("digits", tr_x, tr_y, te_x, te_y, 10, base_size, limit_train, limit_test, seed,
-                       [str(c) for c in range(10)])
+                       [str(c) for c in range(10)], val_split)
     path = os.path.expanduser(str(name_or_path))
     if os.path.isdir(path):
-        return _load_image_folder(path, base_size, limit_train, limit_test, seed)
+        return _load_image_folder(path, base_size, limit_train, limit_test, seed, val_split)
     raise ValueError(f"unknown dataset {name_or_path!r}: expected {_VALID}")
 
 

@@ -4,10 +4,16 @@ One step: the schedule's stage at the current progress (budget spent / budget)
 -> the views of the batch to the device, normalised (ET++: global views
 low-pass cropped with effkern.ops.fft_crop, which fuses the normalisation) ->
 ``method.training_step`` (one packed forward per encoder) -> backward ->
-gradients averaged over ranks -> optimiser step with the LR of this progress ->
+gradients averaged over ranks -> optimiser step with the LR of this step ->
 ``method.on_step_end`` (EMA) -> the step's cost in units is charged.  The run
 stops when the next step would exceed the budget (so spent <= budget, and the
 summary reports spent / budget).
+
+Two clocks: the schedule's stage follows budget progress (compute spent); the
+LR warm-up and decay, the weight-decay ramp and the methods' momentum /
+temperature schedules follow the fraction of the run's optimizer steps done
+(``step / total_steps``; the number of steps is known in advance, ``planned_steps``).
+For the uncompressed baseline the two clocks are the same.
 
 Determinism: the data order (per-epoch seeded shuffle), the augmentations
 (seeded per (epoch, index)), the token-dropout draws (a generator seeded per
@@ -25,7 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from effkern.schedules import Calibration, ModelCfg, ViewSpec, get_schedule, lr_at, view_cost, weight_decay_at
+from effkern.schedules import Calibration, ModelCfg, get_schedule, view_cost, weight_decay_at
+from effkern.schedules.lr import lr_at_step, peak_lr
 from effkern.schedules.presets import check_patch_sizes
 from effkern.train import checkpoint as ckpt
 from effkern.train import dist
@@ -40,7 +47,8 @@ class Run:
 
     def __init__(self, cfg: TrainConfig):
         import effkern.timm
-        from effkern.train.augment import RandAugmentMagnitude, view_transforms
+        from effkern.train.augment import RandAugmentMagnitude, augment_preset, view_transforms
+        from effkern.train.config import model_for
         from effkern.train.data import MultiViewDataset, load_dataset
         from effkern.train.methods import build_method
 
@@ -51,10 +59,12 @@ class Run:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of ranks {self.world}")
         self.local_batch = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed)
-        self.data = load_dataset(cfg.data, cfg.base_size, cfg.limit_train, cfg.limit_test, seed=cfg.seed)
+        self.data = load_dataset(cfg.data, cfg.base_size, cfg.limit_train, cfg.limit_test, seed=cfg.seed,
+                                 val_split=cfg.val_split)
+        model_name, model_kwargs = model_for(cfg.model, cfg.base_size, cfg.model_kwargs)
         kwargs = dict(pretrained=False, img_size=cfg.base_size, num_classes=self.data.num_classes)
-        kwargs.update(cfg.model_kwargs)
-        encoder = effkern.timm.create_model(cfg.model, **kwargs)
+        kwargs.update(model_kwargs)
+        encoder = effkern.timm.create_model(model_name, **kwargs)
         self.method = build_method(cfg.method, encoder, **cfg.method_kwargs).to(self.device)
         # several ranks: DDP or FSDP2 (dist.wrap_step) -- before the optimizer sees the parameters,
         # which fully_shard replaces by their shards
@@ -65,8 +75,10 @@ class Run:
         self.calibration = Calibration.load(cfg.calibration) if cfg.calibration else Calibration()
         self.plan = self.method.view_plan(cfg.base_size)
         self.randaug = RandAugmentMagnitude()
+        self.augment = augment_preset(cfg.augment, cfg.base_size, self.data.channels)
         self.dataset = MultiViewDataset(self.data.train_images, self.data.train_labels,
-                                        view_transforms(cfg.method, self.plan, randaug=self.randaug), seed=cfg.seed)
+                                        view_transforms(cfg.method, self.plan, randaug=self.randaug,
+                                                        preset=self.augment), seed=cfg.seed)
         if cfg.clip_grad is not None and not cfg.clip_grad > 0:
             raise ValueError(f"clip_grad must be > 0 (or None), got {cfg.clip_grad}")
         if cfg.weight_decay_end is not None and cfg.weight_decay_end < 0:
@@ -75,10 +87,15 @@ class Run:
         for group in groups:  # the groups the weight-decay schedule drives
             group["decays"] = group["weight_decay"] > 0
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        self.base_lr = cfg.lr * cfg.batch_size / 256
+        self.base_lr = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_rule)
         self.mean = torch.tensor(MEAN, device=self.device)
         self.std = torch.tensor(STD, device=self.device)
         self.budget = self._budget_units()
+        self.total_steps = self.planned_steps()
+        if self.total_steps < 1:
+            raise ValueError(f"the budget ({self.budget / 1e6:.4g} M units) does not pay for one step "
+                             f"({self.step_cost(self.schedule.at(0.0)) / 1e6:.4g} M units)")
+        self.method.set_run_steps(self.total_steps)
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "spent": 0.0, "wall": 0.0, "images": 0}
         self.history: list[dict] = []
         if cfg.resume:
@@ -96,8 +113,7 @@ class Run:
 
     def step_cost(self, stage) -> float:
         size = self.global_size(self.cfg.base_size, stage)
-        views = [ViewSpec(res, patch or self.model_cfg.patch_size, keep, grad)
-                 for res, patch, keep, grad in self.method.cost_views(size, stage)]
+        views = self.method.view_specs(size, stage, self.model_cfg.patch_size)
         # FLOP-predicted cost per view, times the device's measured/predicted ratio when calibrated
         return self.cfg.batch_size * sum(view_cost(self.model_cfg, v)
                                          * self.calibration.factor(v.resolution, v.patch_size, v.keep)
@@ -117,9 +133,29 @@ class Run:
         steps_per_epoch = len(self.data.train_labels) // cfg.batch_size
         return cfg.epochs_equivalent * steps_per_epoch * self.step_cost(baseline)
 
+    def planned_steps(self) -> int:
+        """The run's number of optimizer steps: the loop's own stopping rule replayed on the
+        schedule (a step is taken while its cost fits in what is left of the budget)."""
+        spent, steps = 0.0, 0
+        costs: dict = {}
+        while True:
+            stage = self.schedule.at(min(1.0, spent / self.budget))
+            if stage not in costs:
+                costs[stage] = self.step_cost(stage)
+            cost = costs[stage]
+            if spent + cost > self.budget * (1 + 1e-9):
+                return steps
+            spent += cost
+            steps += 1
+
     @property
     def progress(self) -> float:
         return min(1.0, self.state["spent"] / self.budget)
+
+    @property
+    def step_fraction(self) -> float:
+        """Fraction of the run's optimizer steps done, in [0, 1]."""
+        return min(1.0, self.state["step"] / self.total_steps)
 
     # ------------------------------------------------------------ one step
     def _prepare(self, views: list[torch.Tensor], stage) -> list[torch.Tensor]:
@@ -140,19 +176,21 @@ class Run:
     def train_step(self, views, labels) -> dict:
         cfg, stage = self.cfg, self.schedule.at(self.progress)
         self.randaug.set(stage.randaug_magnitude)
-        lr = lr_at(self.progress, self.base_lr, warmup=cfg.warmup, min_lr=cfg.min_lr, kind=cfg.lr_schedule)
+        lr = lr_at_step(self.state["step"], self.total_steps, self.base_lr, warmup=cfg.warmup, min_lr=cfg.min_lr,
+                        kind=cfg.lr_schedule)
+        frac = self.step_fraction
         wd = (cfg.weight_decay if cfg.weight_decay_end is None
-              else weight_decay_at(self.progress, cfg.weight_decay, cfg.weight_decay_end))
+              else weight_decay_at(frac, cfg.weight_decay, cfg.weight_decay_end))
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
             if group.get("decays", False):
                 group["weight_decay"] = wd
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.state["step"] * 7919
                                                                    + self.rank)
-        self.method.on_progress(self.progress)
+        self.method.on_progress(frac)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
         with autocast:
-            loss, metrics = self.step_fn(self._prepare(views, stage), labels.to(self.device), stage, self.progress,
+            loss, metrics = self.step_fn(self._prepare(views, stage), labels.to(self.device), stage, frac,
                                          generator=generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,7 +201,7 @@ class Run:
         self.optimizer.step()
         self.state["spent"] += self.step_cost(stage)
         self.state["step"] += 1
-        self.method.on_step_end(self.progress)
+        self.method.on_step_end(self.step_fraction)
         # tensors stay on the device: _flush_metrics averages them over ranks and reads them back
         # at logging time (no host sync per step)
         return {**metrics, **extra, "loss": loss.detach(), "lr": lr, "wd": wd, "stage": stage.name}
@@ -293,7 +331,8 @@ class Run:
         self._save()
         summary = {"method": cfg.method, "schedule": cfg.schedule, "budget_units": self.budget,
                    "spent_units": self.state["spent"], "budget_used": self.state["spent"] / self.budget,
-                   "steps": self.state["step"], "wall_s": self.state["wall"],
+                   "steps": self.state["step"], "planned_steps": self.total_steps, "wall_s": self.state["wall"],
+                   "eval_split": "val" if cfg.val_split else "test", "peak_lr": self.base_lr,
                    "images_per_s": self.state["images"] / max(self.state["wall"], 1e-9), "knn_acc": acc}
         if cfg.linear_probe:
             summary["probe_acc"] = self.linear_probe()

@@ -71,6 +71,20 @@ def cosine_momentum(m0: float, progress: float) -> float:
     return 1.0 - (1.0 - m0) * (math.cos(math.pi * p) + 1.0) / 2.0
 
 
+def run_momentum_start(m0: float, total_steps: int | None, horizon: float | None) -> float:
+    """The EMA's starting momentum for a run of ``total_steps`` optimizer steps: ``m0`` (the
+    recipe's), capped so that the EMA's averaging horizon 1 / (1 - m) spans at most the
+    fraction ``horizon`` of the run's steps (and at least one step): min(m0, 1 - 1 / max(1,
+    horizon * total_steps)).  At the papers' scale (10^5 steps) the cap never binds; on a run
+    of 1500 steps MoCo v3's 0.99 (a 100-step horizon) becomes 1 - 1/75 = 0.987 (horizon 0.05).
+    ``horizon`` or ``total_steps`` None: ``m0``."""
+    if horizon is None or total_steps is None:
+        return float(m0)
+    if not horizon > 0:
+        raise ValueError(f"ema_horizon must be > 0 (or None), got {horizon}")
+    return min(float(m0), 1.0 - 1.0 / max(1.0, horizon * int(total_steps)))
+
+
 @torch.no_grad()
 def ema_update_(target: Iterable[Tensor], source: Iterable[Tensor], m: float) -> None:
     """target <- m * target + (1 - m) * source, parameter by parameter."""
@@ -128,6 +142,8 @@ class Method(nn.Module):
     name: str = "method"
     DEFAULTS: dict[str, Any] = {}
 
+    total_steps: int | None = None  # the run's optimizer steps (set_run_steps); None: unknown
+
     def __init__(self, encoder: nn.Module, **hparams):
         super().__init__()
         unknown = sorted(set(hparams) - set(self.DEFAULTS))
@@ -157,8 +173,30 @@ class Method(nn.Module):
         return [(v.size, patch_for(stage, v.size), stage_keep(stage, v.branch), True)
                 for v in self.view_plan(base_size)]
 
+    def set_run_steps(self, total_steps: int) -> None:
+        """The number of optimizer steps of the run (the loop calls it before training), for
+        schedules whose constants depend on the run's length (the EMA's starting momentum)."""
+        if int(total_steps) < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = int(total_steps)
+
+    def head_flops(self, grad: bool) -> float:
+        """Forward FLOPs per image of the heads run on one encoder pass's feature: the trained
+        encoder's pass (``grad=True``) or the momentum / teacher pass (``False``)."""
+        return 0.0
+
+    def view_specs(self, base_size: int, stage, native_patch: int) -> list:
+        """``cost_views`` as ``effkern.schedules.ViewSpec`` objects for the cost model: the
+        native patch filled in and the heads' FLOPs attached to each pass."""
+        from effkern.schedules import ViewSpec
+
+        heads = {True: self.head_flops(True), False: self.head_flops(False)}
+        return [ViewSpec(res, patch or native_patch, keep, grad, heads[bool(grad)])
+                for res, patch, keep, grad in self.cost_views(base_size, stage)]
+
     def on_step_end(self, progress: float) -> None:
-        """After the optimizer step (progress = budget fraction after the step)."""
+        """After the optimizer step.  ``progress`` everywhere in a method is the fraction of the
+        run's optimizer steps done (after the step here), in [0, 1]."""
 
     def on_progress(self, progress: float) -> None:
         """Before a step (training_step calls it with its own progress)."""

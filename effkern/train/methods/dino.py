@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dist
-from .base import Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, patch_for, stage_keep
+from .base import (Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, patch_for, run_momentum_start,
+                   stage_keep)
 
 
 class WeightNormLinear(nn.Module):
@@ -109,6 +110,7 @@ class DINO(Method):
         out_dim=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3, use_bn_in_head=False,
         norm_last_layer=True,
         momentum_start=0.996,
+        ema_horizon=0.05,                      # cap: EMA over at most this fraction of the run's steps
         warmup_teacher_temp_start=0.04, teacher_temp=0.07, warmup_teacher_temp=0.3,  # fraction of progress
         student_temp=0.1, center_momentum=0.9,
         n_local=8, local_size=None,           # None -> 96/224 of base_size, rounded to whole patches
@@ -138,7 +140,11 @@ class DINO(Method):
 
     # --- schedules ---
     def momentum_at(self, progress: float) -> float:
-        return cosine_momentum(self.hp["momentum_start"], progress)
+        return cosine_momentum(self.momentum_start(), progress)
+
+    def momentum_start(self) -> float:
+        """The recipe's momentum_start, capped by ema_horizon (a fraction of the run's steps)."""
+        return run_momentum_start(self.hp["momentum_start"], self.total_steps, self.hp["ema_horizon"])
 
     def teacher_temp_at(self, progress: float) -> float:
         hp = self.hp
@@ -149,6 +155,11 @@ class DINO(Method):
 
     def on_progress(self, progress: float) -> None:
         self.head.last_layer.grad_frozen = self.last_layer_frozen(progress)
+
+    def head_flops(self, grad: bool) -> float:
+        from effkern.schedules.cost import linear_flops
+
+        return linear_flops(self.head)  # the teacher head has the student's shape
 
     # --- views ---
     def local_size(self, base_size: int) -> int:

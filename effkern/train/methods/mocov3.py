@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dist
-from .base import Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, keep_arg, patch_for, stage_keep
+from .base import (Method, ViewPlan, cosine_momentum, ema_update_, frozen_copy, keep_arg, patch_for,
+                   run_momentum_start, stage_keep)
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -51,6 +52,7 @@ class MoCoV3(Method):
         out_dim=256,             # moco "dim"
         temperature=0.2,         # ViT recipe
         momentum_start=0.99,     # ViT recipe, cosine to 1
+        ema_horizon=0.05,        # cap: the EMA averages over at most this fraction of the run's steps
         freeze_patch_embed=True,  # official stop_grad_conv1 for ViT
         sync_bn=True,            # convert BN to SyncBatchNorm when torch.distributed is initialised
     )
@@ -72,7 +74,16 @@ class MoCoV3(Method):
         self.momentum = cosine_momentum(hp["momentum_start"], 0.0)
 
     def momentum_at(self, progress: float) -> float:
-        return cosine_momentum(self.hp["momentum_start"], progress)
+        return cosine_momentum(self.momentum_start(), progress)
+
+    def momentum_start(self) -> float:
+        """The recipe's momentum_start, capped by ema_horizon (a fraction of the run's steps)."""
+        return run_momentum_start(self.hp["momentum_start"], self.total_steps, self.hp["ema_horizon"])
+
+    def head_flops(self, grad: bool) -> float:
+        from effkern.schedules.cost import linear_flops
+
+        return linear_flops(self.projector) + linear_flops(self.predictor) if grad else linear_flops(self.projector)
 
     def view_plan(self, base_size: int) -> list[ViewPlan]:
         return [ViewPlan("global", base_size, "q"), ViewPlan("global", base_size, "q")]

@@ -44,6 +44,11 @@ class SimCLR(Method):
         if self.hp["sync_bn"] and dist.is_dist():
             self.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.projector)
 
+    def head_flops(self, grad: bool) -> float:
+        from effkern.schedules.cost import linear_flops
+
+        return linear_flops(self.projector) if grad else 0.0
+
     def view_plan(self, base_size: int) -> list[ViewPlan]:
         return [ViewPlan("global", base_size, "a"), ViewPlan("global", base_size, "b")]
 

@@ -17,6 +17,11 @@ class Supervised(Method):
         if not isinstance(getattr(encoder, "head", None), nn.Module) or isinstance(encoder.head, nn.Identity):
             raise ValueError("supervised: the encoder needs a classifier head (timm num_classes > 0)")
 
+    def head_flops(self, grad: bool) -> float:
+        from effkern.schedules.cost import linear_flops
+
+        return linear_flops(self.encoder.head)
+
     def view_plan(self, base_size: int) -> list[ViewPlan]:
         return [ViewPlan("global", base_size, "default")]
 
