@@ -1,0 +1,574 @@
+"""The small-scale study: how much compute do the schedules save at equal accuracy?
+
+    python benchmarks/study.py plan    [--method mocov3]           # every cell and its status
+    python benchmarks/study.py run     [--method mocov3] [--stage tune] [--max-cells N] [--only ID]
+    python benchmarks/study.py summarize                            # summary.json, PNG, docs/results.md
+
+Design (one cell = one ``effkern train`` run directory + one JSON in ``RESULTS``):
+
+* Data: Fashion-MNIST, the full 60k / 10k split, 28 px, the small-image model preset
+  (patch 4, 4 blocks, width 128) and augmentation preset (``effkern.train.config`` /
+  ``effkern.train.augment``).
+* ``reference`` cells: kNN and linear probe of raw pixels and of the randomly initialised
+  network, on the validation split and on the test split.
+* ``tune`` cells: the uncompressed baseline at every budget, over a small grid of batch
+  size x LR, one seed, trained on 55k images and evaluated on a 5k validation split carved
+  from the training set with a fixed seed.  The best validation kNN picks each budget's
+  batch size and LR.  The test split is never looked at.
+* ``final`` cells: the baseline at every budget, the compressed schedules at the smaller
+  budgets, ``SEEDS`` seeds each, trained on all 60k, evaluated on the 10k test split, with
+  the tuned batch size and LR of that budget (the compressed schedules reuse the baseline's;
+  they are not tuned separately).  A final cell waits until the tuning of its budget is done.
+* ``timing`` cells: baseline and compressed steps alternating in one process (so machine
+  load hits both alike) -> seconds per unit of budget of each schedule.
+
+Budgets are counted in images the baseline would see (``BUDGET_IMAGES``; 1500 / 3000 / 6000
+optimizer steps at batch 128) and converted to the cost model's units, so a compressed
+schedule gets the same compute and more steps.
+
+Bookkeeping: a cell whose JSON exists is finished and skipped; an interrupted cell resumes
+from its last checkpoint (``CKPT_EVERY`` steps; the resumed run is bit-for-bit the
+uninterrupted one).  ``summarize`` reads only the JSONs, so it can run at any time: cells
+that are missing are reported as missing, never filled in.
+
+Compute saved at equal accuracy (per schedule and budget b): the baseline's mean kNN vs
+log2(budget) curve, made monotone (best so far), is inverted at the schedule's mean kNN ->
+the baseline budget B needed; factor = B / b.  Outside the baseline's range the factor is
+censored (``<`` the smallest / ``>`` the largest budget's ratio).  The 90 % interval is a
+bootstrap over seeds (each cell's seeds resampled with replacement, ``N_BOOT`` times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results", "study")
+RUNS = os.path.join(REPO, "runs", "study")
+REPORT = os.path.join(REPO, "docs", "results.md")
+
+DATA = "fashion-mnist"
+BASE_SIZE = 28
+TRAIN_IMAGES = 60000
+VAL_SPLIT = 5000
+BUDGET_IMAGES = (192_000, 384_000, 768_000)    # baseline images seen: 3.2 / 6.4 / 12.8 epochs of 60k
+COMPRESSED_BUDGETS = BUDGET_IMAGES[:2]          # the compressed schedules run at the smaller budgets
+GRID_BATCH = (128, 64)
+GRID_LR = (2e-3, 1e-3, 4e-3)                    # --lr per 256 images, sqrt rule (peak 1.4e-3 at 128 for 2e-3)
+SEEDS = (0, 1, 2)
+CKPT_EVERY = 100
+N_BOOT = 2000
+METHODS = ("mocov3", "simclr", "dino", "supervised")
+METHOD_KWARGS = {"mocov3": {"mlp_dim": 512, "out_dim": 128},
+                 "simclr": {"hidden_dim": 512, "out_dim": 128},
+                 "dino": {"out_dim": 4096, "hidden_dim": 512, "bottleneck_dim": 128, "n_local": 4},
+                 "supervised": {}}
+PAPERS = {"mocov3": "4x (AAIP, MoCo v3)", "simclr": "3.3x (AAIP, SimCLR)", "dino": "2.5x (AAIP, DINO)",
+          "supervised": "1.5-3x (EfficientTrain++, supervised)"}
+
+
+def schedules_for(method: str) -> list[str]:
+    """The baseline first, then the compressed schedules of the method."""
+    if method == "supervised":
+        return ["none", "efficienttrain++"]
+    from effkern.schedules import PRESETS
+
+    names = ["none", "const:keep=0.5"]
+    if f"aaip-{method}" in PRESETS:
+        names.append(f"aaip-{method}")
+    return names + ["efficienttrain++"]
+
+
+# ----------------------------------------------------------------------------- cells
+def slug(schedule: str) -> str:
+    return schedule.replace(":", "_").replace("=", "").replace(",", "_").replace("+", "p")
+
+
+def cell_id(cell: dict) -> str:
+    if cell["kind"] == "reference":
+        return f"{cell['method']}/reference/{cell['split']}_s{cell['seed']}"
+    if cell["kind"] == "timing":
+        return f"{cell['method']}/timing/{slug(cell['schedule'])}_bs{cell['batch']}"
+    hp = f"bs{cell['batch']}_lr{cell['lr']:g}"
+    return f"{cell['method']}/{cell['kind']}/{slug(cell['schedule'])}/i{cell['images'] // 1000}k/{hp}/s{cell['seed']}"
+
+
+def result_path(cell: dict, results: str = RESULTS) -> str:
+    return os.path.join(results, cell_id(cell).replace("/", "__") + ".json")
+
+
+def load_result(cell: dict, results: str = RESULTS) -> dict | None:
+    path = result_path(cell, results)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_result(cell: dict, result: dict, results: str = RESULTS) -> str:
+    """Atomically write the cell's JSON (the marker that the cell is finished)."""
+    os.makedirs(results, exist_ok=True)
+    path = result_path(cell, results)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"cell": cell, "id": cell_id(cell), **result}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def tuned_hp(method: str, images: int, results: str = RESULTS) -> tuple[int, float] | None:
+    """(batch, lr) with the best validation kNN among the finished tune cells of this budget,
+    or None while any cell of the grid is missing."""
+    best = None
+    for batch in GRID_BATCH:
+        for lr in GRID_LR:
+            r = load_result(tune_cell(method, images, batch, lr), results)
+            if r is None:
+                return None
+            if best is None or r["knn_acc"] > best[0]:
+                best = (r["knn_acc"], batch, lr)
+    return best[1], best[2]
+
+
+def tune_cell(method: str, images: int, batch: int, lr: float) -> dict:
+    return {"kind": "tune", "method": method, "schedule": "none", "images": images, "batch": batch, "lr": lr,
+            "seed": 0, "split": "val"}
+
+
+def plan(method: str, results: str = RESULTS) -> list[dict]:
+    """Every cell of ``method`` in run order; final cells of an untuned budget carry
+    ``"blocked": "tuning"`` (their batch size and LR are not known yet)."""
+    cells = [{"kind": "reference", "method": method, "split": "val", "seed": 0}]
+    for k, images in enumerate(BUDGET_IMAGES):  # budget by budget: its tuning grid, then its final cells
+        cells += [tune_cell(method, images, b, lr) for b in GRID_BATCH for lr in GRID_LR]
+        if k == 0:  # the test split's reference points, before the first test-split cell
+            cells += [{"kind": "reference", "method": method, "split": "test", "seed": seed} for seed in SEEDS]
+        hp = tuned_hp(method, images, results)
+        for schedule in schedules_for(method):
+            if schedule != "none" and images not in COMPRESSED_BUDGETS:
+                continue
+            for seed in SEEDS:
+                cell = {"kind": "final", "method": method, "schedule": schedule, "images": images,
+                        "batch": hp[0] if hp else 0, "lr": hp[1] if hp else 0.0, "seed": seed, "split": "test"}
+                if hp is None:
+                    cell["blocked"] = "tuning"
+                cells.append(cell)
+        if k == 0:  # step times at the smallest budget's tuned batch size
+            for schedule in schedules_for(method)[1:]:
+                cell = {"kind": "timing", "method": method, "schedule": schedule, "batch": hp[0] if hp else 0}
+                if hp is None:
+                    cell["blocked"] = "tuning"
+                cells.append(cell)
+    return cells
+
+
+def pending(cells: list[dict], results: str = RESULTS) -> list[dict]:
+    """The cells still to run, in order (finished and blocked cells left out)."""
+    return [c for c in cells if "blocked" not in c and load_result(c, results) is None]
+
+
+# ----------------------------------------------------------------------------- running
+def units_per_image(method: str) -> float:
+    """Cost-model units of one image of the uncompressed baseline (encoder + heads, all passes)."""
+    import effkern.timm
+    from effkern.schedules import ModelCfg, Stage, view_cost
+    from effkern.train.config import model_for
+    from effkern.train.methods import build_method
+
+    name, kwargs = model_for(None, BASE_SIZE)
+    encoder = effkern.timm.create_model(name, pretrained=False, img_size=BASE_SIZE, num_classes=10, **kwargs)
+    m = build_method(method, encoder, **METHOD_KWARGS[method])
+    cfg = ModelCfg.from_timm(encoder)
+    return sum(view_cost(cfg, v) for v in m.view_specs(BASE_SIZE, Stage(), cfg.patch_size))
+
+
+def train_config(cell: dict, runs: str = RUNS):
+    from effkern.train.config import TrainConfig
+
+    val = cell["split"] == "val"
+    return TrainConfig(method=cell["method"], method_kwargs=dict(METHOD_KWARGS[cell["method"]]), data=DATA,
+                       base_size=BASE_SIZE, val_split=VAL_SPLIT if val else 0,
+                       budget=cell["images"] * units_per_image(cell["method"]) / 1e6, schedule=cell["schedule"],
+                       batch_size=cell["batch"], lr=cell["lr"], seed=cell["seed"],
+                       out_dir=os.path.join(runs, cell_id(cell)), ckpt_every=CKPT_EVERY, log_every=50,
+                       linear_probe=True, progress_bar=False, resume=True)
+
+
+def run_train_cell(cell: dict, runs: str = RUNS) -> dict:
+    from effkern.train.loop import train
+
+    cfg = train_config(cell, runs)
+    t0 = time.time()
+    summary = train(cfg)
+    return {**summary, "budget_images": cell["images"], "epochs_equivalent": cell["images"] / TRAIN_IMAGES,
+            "config": cfg.to_dict(), "process_wall_s": time.time() - t0}
+
+
+def run_reference_cell(cell: dict) -> dict:
+    """kNN / linear probe of raw pixels and of the randomly initialised encoder (seeded)."""
+    import torch
+
+    from effkern.train.config import TrainConfig
+    from effkern.train.knn import knn_accuracy
+    from effkern.train.loop import MEAN, STD, Run
+    from effkern.train.probe import linear_probe_accuracy
+
+    val = cell["split"] == "val"
+    cfg = TrainConfig(method=cell["method"], method_kwargs=dict(METHOD_KWARGS[cell["method"]]), data=DATA,
+                      base_size=BASE_SIZE, val_split=VAL_SPLIT if val else 0, epochs_equivalent=1.0,
+                      seed=cell["seed"], out_dir=os.path.join(RUNS, cell_id(cell)), progress_bar=False)
+    run = Run(cfg)
+    out = {"random_init_knn": run.knn(), "random_init_probe": run.linear_probe()}
+    if cell["seed"] == 0:
+        pixels = lambda x: x.flatten(1)  # noqa: E731
+        with torch.no_grad():
+            out["pixels_knn"] = knn_accuracy(pixels, run.data, MEAN, STD, torch.device("cpu"))
+            out["pixels_probe"] = linear_probe_accuracy(pixels, run.data, MEAN, STD, torch.device("cpu"))
+    return out
+
+
+def run_timing_cell(cell: dict, steps: int = 12, warmup: int = 2) -> dict:
+    """Baseline and compressed steps alternating in one process: per stage of the schedule,
+    the median seconds of a step and its cost; -> seconds per unit of budget of each."""
+    import dataclasses
+    import statistics
+
+    from effkern.train.data import make_loader
+    from effkern.train.loop import Run
+
+    images = BUDGET_IMAGES[0]
+    base_cfg = train_config({**cell, "kind": "final", "schedule": "none", "images": images, "lr": 2e-3,
+                             "seed": 0, "split": "test"})
+    base_cfg = dataclasses.replace(base_cfg, linear_probe=False, resume=False, out_dir=os.path.join(RUNS, "timing"))
+    runs = {"none": Run(base_cfg), cell["schedule"]: Run(dataclasses.replace(base_cfg, schedule=cell["schedule"]))}
+    batches = iter(make_loader(runs["none"].dataset, base_cfg.batch_size, 0, 0))
+    slots = []  # (schedule, stage start, stage)
+    for name, run in runs.items():
+        for start, _end, stage in run.schedule.intervals():
+            slots.append((name, start, stage))
+    times = {(n, s): [] for n, s, _ in slots}
+    for rep in range(warmup + steps):
+        for name, start, _stage in slots:
+            run = runs[name]
+            run.state["spent"] = start * run.budget  # the step runs at this stage
+            try:
+                views, labels = next(batches)
+            except StopIteration:
+                batches = iter(make_loader(runs["none"].dataset, base_cfg.batch_size, rep, 0))
+                views, labels = next(batches)
+            t0 = time.perf_counter()
+            run.train_step(views, labels)
+            if rep >= warmup:
+                times[(name, start)].append(time.perf_counter() - t0)
+    out = {}
+    for name, run in runs.items():
+        steps_in = {}  # planned steps per stage (the loop's stopping rule replayed)
+        spent = 0.0
+        intervals = list(run.schedule.intervals())
+        while True:
+            p = min(1.0, spent / run.budget)
+            cost = run.step_cost(run.schedule.at(p))
+            if spent + cost > run.budget * (1 + 1e-9):
+                break
+            start = [s for s, _e, _st in intervals if s <= p][-1]
+            steps_in[start] = steps_in.get(start, 0) + 1
+            spent += cost
+        seconds = sum(n * statistics.median(times[(name, s)]) for s, n in steps_in.items())
+        out[name] = {"seconds_per_unit": seconds / spent, "planned_seconds": seconds,
+                     "median_step_s": {f"{s:g}": statistics.median(times[(name, s)]) for s in steps_in},
+                     "steps": sum(steps_in.values())}
+    out["time_per_unit_ratio"] = out["none"]["seconds_per_unit"] / out[cell["schedule"]]["seconds_per_unit"]
+    return out
+
+
+def run_cell(cell: dict) -> dict:
+    if cell["kind"] == "reference":
+        return run_reference_cell(cell)
+    if cell["kind"] == "timing":
+        return run_timing_cell(cell)
+    return run_train_cell(cell)
+
+
+# ----------------------------------------------------------------------------- analysis
+def _envelope(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(log2 budget, best accuracy so far) of a (budget, accuracy) curve, sorted by budget."""
+    out, best = [], float("-inf")
+    for b, a in sorted(curve):
+        best = max(best, a)
+        out.append((math.log2(b), best))
+    return out
+
+
+def budget_needed(curve: list[tuple[float, float]], acc: float) -> tuple[float, str]:
+    """The baseline budget that reaches ``acc`` on its monotone curve, interpolated linearly in
+    log2(budget): (budget, "=") inside the curve, (smallest budget, "<=") when the smallest
+    baseline already reaches it, (largest budget, ">") when no baseline budget does."""
+    env = _envelope(curve)
+    if not env:
+        raise ValueError("budget_needed: empty baseline curve")
+    if acc <= env[0][1]:
+        return 2 ** env[0][0], "<="
+    for (x0, a0), (x1, a1) in zip(env, env[1:]):
+        if a0 < acc <= a1:
+            return 2 ** (x0 + (acc - a0) * (x1 - x0) / (a1 - a0)), "="
+    return 2 ** env[-1][0], ">"
+
+
+def compute_saved(baseline: dict[float, list[float]], schedule: list[float], budget: float,
+                  n_boot: int = N_BOOT, seed: int = 0, level: float = 0.9) -> dict:
+    """Factor = baseline budget needed for the schedule's mean accuracy / ``budget``, with a
+    bootstrap ``level`` interval over seeds.  ``baseline``: {budget: [accuracy per seed]};
+    ``schedule``: [accuracy per seed] at ``budget``.  Censored bootstrap draws count at their
+    bound (so an interval touching a bound says "at least" / "at most")."""
+    if not schedule or not baseline or any(not v for v in baseline.values()):
+        raise ValueError("compute_saved needs at least one seed per cell")
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+
+    def factor(base_means: dict, acc: float) -> tuple[float, str]:
+        need, how = budget_needed(list(base_means.items()), acc)
+        return need / budget, how
+
+    point, how = factor({b: mean(v) for b, v in baseline.items()}, mean(schedule))
+    rng = random.Random(seed)
+    draws, censored = [], 0
+    for _ in range(n_boot):
+        base = {b: mean([rng.choice(v) for _ in v]) for b, v in baseline.items()}
+        f, h = factor(base, mean([rng.choice(schedule) for _ in schedule]))
+        draws.append(f)
+        censored += h != "="
+    draws.sort()
+    lo = draws[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
+    hi = draws[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
+    return {"factor": point, "bound": how, "interval": [lo, hi], "level": level, "n_boot": n_boot,
+            "censored_fraction": censored / n_boot}
+
+
+def _stats(values: list[float]) -> dict:
+    n = len(values)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return {"mean": m, "std": sd, "n": n}
+
+
+def summarize(results: str = RESULTS) -> dict:
+    """summary.json from the finished cells' JSONs only."""
+    rows = []
+    for name in sorted(os.listdir(results)) if os.path.isdir(results) else []:
+        if name.endswith(".json") and name != "summary.json":
+            with open(os.path.join(results, name)) as f:
+                rows.append(json.load(f))
+    summary: dict = {"cells_finished": len(rows), "methods": {}}
+    for method in METHODS:
+        mine = [r for r in rows if r["cell"]["method"] == method]
+        if not mine:
+            continue
+        entry: dict = {"reference": {}, "tune": [], "schedules": {}, "timing": {}}
+        for r in mine:
+            c = r["cell"]
+            if c["kind"] == "reference":
+                ref = entry["reference"].setdefault(c["split"], {})
+                for key in ("random_init_knn", "random_init_probe", "pixels_knn", "pixels_probe"):
+                    if key in r:
+                        ref.setdefault(key, []).append(r[key])
+            elif c["kind"] == "tune":
+                entry["tune"].append({"images": c["images"], "batch": c["batch"], "lr": c["lr"],
+                                      "steps": r["steps"], "val_knn": r["knn_acc"], "val_probe": r.get("probe_acc")})
+            elif c["kind"] == "timing":
+                entry["timing"][c["schedule"]] = {k: r[k] for k in ("time_per_unit_ratio",) if k in r}
+        for split, ref in entry["reference"].items():
+            entry["reference"][split] = {k: _stats(v) for k, v in ref.items()}
+        finals = [r for r in mine if r["cell"]["kind"] == "final"]
+        for schedule in dict.fromkeys(r["cell"]["schedule"] for r in finals):
+            cells = {}
+            for r in (r for r in finals if r["cell"]["schedule"] == schedule):
+                cells.setdefault(r["cell"]["images"], []).append(r)
+            entry["schedules"][schedule] = {
+                f"{images}": {"images": images, "epochs_equivalent": images / TRAIN_IMAGES,
+                              "batch": rs[0]["cell"]["batch"], "lr": rs[0]["cell"]["lr"],
+                              "seeds": sorted(r["cell"]["seed"] for r in rs),
+                              "steps": sorted({r["steps"] for r in rs}),
+                              "knn": _stats([r["knn_acc"] for r in rs]),
+                              "probe": _stats([r["probe_acc"] for r in rs if "probe_acc" in r]) if any(
+                                  "probe_acc" in r for r in rs) else None,
+                              "knn_per_seed": [r["knn_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])]}
+                for images, rs in sorted(cells.items())}
+        base = entry["schedules"].get("none", {})
+        base_curve = {v["images"]: v["knn_per_seed"] for v in base.values()}
+        for schedule, per_budget in entry["schedules"].items():
+            if schedule == "none":
+                continue
+            for v in per_budget.values():
+                if len(base_curve) >= 2 and len(v["knn_per_seed"]) >= 2:
+                    v["compute_saved"] = compute_saved(base_curve, v["knn_per_seed"], v["images"])
+                    ratio = entry["timing"].get(schedule, {}).get("time_per_unit_ratio")
+                    if ratio is not None:
+                        v["wall_clock_saved"] = v["compute_saved"]["factor"] * ratio
+                else:
+                    v["compute_saved"] = None  # needs >= 2 baseline budgets and >= 2 seeds
+        summary["methods"][method] = entry
+    return summary
+
+
+def write_plot(summary: dict, path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m, e in summary["methods"].items() if e["schedules"]]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(2, len(methods), figsize=(5 * len(methods), 7), squeeze=False)
+    for col, method in enumerate(methods):
+        entry = summary["methods"][method]
+        for row, key in enumerate(("knn", "probe")):
+            ax = axes[row][col]
+            for schedule, per_budget in entry["schedules"].items():
+                pts = [(v["epochs_equivalent"], v[key]) for v in per_budget.values() if v.get(key)]
+                if not pts:
+                    continue
+                ax.errorbar([p[0] for p in pts], [100 * p[1]["mean"] for p in pts],
+                            yerr=[100 * (p[1]["std"] if p[1]["n"] > 1 else 0.0) for p in pts],
+                            marker="o", capsize=3, label=schedule)
+            ref = entry["reference"].get("test", {})
+            for k, style in ((f"random_init_{key}", ":"), (f"pixels_{key}", "--")):
+                if k in ref:
+                    ax.axhline(100 * ref[k]["mean"], ls=style, color="grey", label=k.replace("_", " "))
+            ax.set_xscale("log", base=2)
+            ax.set(title=f"{method}: {'kNN' if key == 'knn' else 'linear probe'} (test)",
+                   xlabel="budget (epochs-equivalent of the baseline, 60k images)", ylabel="top-1 (%)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _pct(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    if stats["n"] > 1:
+        return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f} (n={stats['n']})"
+    return f"{100 * stats['mean']:.2f} (n=1)"
+
+
+def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
+    """docs/results.md from summary.json: only what the finished cells show."""
+    L = ["# Results: compute saved at equal accuracy (small-scale study)", "",
+         "Generated by `python benchmarks/study.py summarize` from the finished cells in "
+         "`benchmarks/results/study/` (one JSON per cell, `summary.json`).  The study and its method are "
+         "described in `benchmarks/study.py`; this page states only what the finished cells show.", "",
+         "**Setting.** Fashion-MNIST, 60k training / 10k test images at 28 px; a ViT with 4 px patches, 4 "
+         "blocks, width 128 (the small-image preset), randomly initialised; the small-image augmentation "
+         "preset; AdamW, peak LR by the square-root rule, 10 % warm-up, cosine decay; budgets of "
+         f"{', '.join(f'{b // 1000}k' for b in BUDGET_IMAGES)} baseline images "
+         f"({', '.join(f'{b / TRAIN_IMAGES:.1f}' for b in BUDGET_IMAGES)} epochs-equivalent).  "
+         "Hyper-parameters (batch size x LR) are chosen per budget on a 5k validation split carved from the "
+         "training set; the test split is only used by the final cells.  kNN: k=20, T=0.07, cosine, on the "
+         "CLS feature; linear probe: L-BFGS logistic regression on standardised frozen features.", "",
+         "**Scale.** The papers' claims (ImageNet, ViT-B, 100-300 epochs: AAIP 4x / 3.3x / 2.5x less compute "
+         "for MoCo v3 / SimCLR / DINO; EfficientTrain++ 1.5-3x) are about a scale this study does not reach. "
+         "A factor measured here says what the schedules do on a 28 px, 4-block ViT trained for a few epochs "
+         "on 2 CPU cores, nothing more.", ""]
+    L += ["## Status", "", "| method | cells finished | cells planned |", "|---|---|---|"]
+    for method, (done, total) in cells_total.items():
+        L.append(f"| {method} | {done} | {total} |")
+    L.append("")
+    for method, entry in summary["methods"].items():
+        L += [f"## {method}", ""]
+        if entry["reference"]:
+            L += ["Reference points (no training):", "", "| split | raw pixels kNN | random-init kNN | "
+                  "raw pixels probe | random-init probe |", "|---|---|---|---|---|"]
+            for split, ref in sorted(entry["reference"].items()):
+                L.append(f"| {split} | {_pct(ref.get('pixels_knn'))} | {_pct(ref.get('random_init_knn'))} | "
+                         f"{_pct(ref.get('pixels_probe'))} | {_pct(ref.get('random_init_probe'))} |")
+            L.append("")
+        if entry["tune"]:
+            L += ["Tuning of the baseline (validation split, seed 0):", "",
+                  "| budget (images) | batch | --lr (per 256, sqrt rule) | steps | val kNN | val probe |",
+                  "|---|---|---|---|---|---|"]
+            for t in sorted(entry["tune"], key=lambda t: (t["images"], t["batch"], t["lr"])):
+                probe = f"{100 * t['val_probe']:.2f}" if t.get("val_probe") is not None else "-"
+                L.append(f"| {t['images'] // 1000}k | {t['batch']} | {t['lr']:g} | {t['steps']} | "
+                         f"{100 * t['val_knn']:.2f} | {probe} |")
+            L.append("")
+        if entry["schedules"]:
+            L += ["Final cells (test split):", "",
+                  "| schedule | budget (epochs-eq.) | batch | lr | steps | kNN % (mean ± std over seeds) | "
+                  "probe % | compute saved [90% CI] | wall-clock saved |", "|---|---|---|---|---|---|---|---|---|"]
+            for schedule, per_budget in entry["schedules"].items():
+                for v in per_budget.values():
+                    cs = v.get("compute_saved")
+                    if cs:
+                        b = {"=": "", "<=": "<= ", ">": ">= "}[cs["bound"]]
+                        saved = f"{b}{cs['factor']:.2f}x [{cs['interval'][0]:.2f}, {cs['interval'][1]:.2f}]"
+                    else:
+                        saved = "-" if schedule == "none" else "not yet (needs 2 baseline budgets, 2 seeds)"
+                    wall = f"{v['wall_clock_saved']:.2f}x" if "wall_clock_saved" in v else "-"
+                    L.append(f"| {schedule} | {v['epochs_equivalent']:.1f} | {v['batch']} | {v['lr']:g} | "
+                             f"{'/'.join(map(str, v['steps']))} | {_pct(v['knn'])} | {_pct(v['probe'])} | "
+                             f"{saved} | {wall} |")
+            L.append("")
+        else:
+            L += ["No final (test-split) cell has finished: **nothing about compute saved is shown yet** for "
+                  f"{method}.  The papers' factor to compare with: {PAPERS[method]}.", ""]
+    if os.path.exists(os.path.join(os.path.dirname(path), "results_knn_vs_budget.png")) and any(
+            e["schedules"] for e in summary["methods"].values()):
+        L += ["![kNN and linear probe vs budget, seed error bars](results_knn_vs_budget.png)", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("cmd", choices=("plan", "run", "summarize"))
+    p.add_argument("--method", nargs="+", default=["mocov3"], choices=METHODS)
+    p.add_argument("--stage", nargs="+", default=["reference", "tune", "final", "timing"],
+                   choices=("reference", "tune", "final", "timing"))
+    p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells")
+    p.add_argument("--only", default=None, help="run only the cell with this id (see plan)")
+    p.add_argument("--results", default=RESULTS)
+    args = p.parse_args(argv)
+    if args.cmd == "summarize":
+        summary = summarize(args.results)
+        with open(os.path.join(args.results, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, sort_keys=True)
+        write_plot(summary, os.path.join(os.path.dirname(REPORT), "results_knn_vs_budget.png"))
+        totals = {}
+        for method in METHODS:
+            cells = plan(method, args.results)
+            done = sum(load_result(c, args.results) is not None for c in cells if "blocked" not in c)
+            totals[method] = (done, len(cells))
+        write_report(summary, totals, REPORT)
+        print(f"wrote {args.results}/summary.json and {REPORT}")
+        return 0
+    ran = 0
+    for method in args.method:
+        if args.cmd == "plan":
+            for c in (c for c in plan(method, args.results) if c["kind"] in args.stage):
+                status = "blocked" if "blocked" in c else ("done" if load_result(c, args.results) else "todo")
+                print(f"{status:8s} {cell_id(c)}")
+            continue
+        while args.max_cells is None or ran < args.max_cells:
+            # re-planned after every cell: a finished tuning grid unblocks its final cells
+            todo = [c for c in pending(plan(method, args.results), args.results) if c["kind"] in args.stage
+                    and (args.only is None or cell_id(c) == args.only)]
+            if not todo:
+                break
+            cell = todo[0]
+            print(f"== {cell_id(cell)}  ({time.strftime('%H:%M:%S')})", flush=True)
+            result = run_cell(cell)
+            print(f"   -> {write_result(cell, result, args.results)}", flush=True)
+            ran += 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

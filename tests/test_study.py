@@ -1,0 +1,125 @@
+"""The study's bookkeeping (benchmarks/study.py), without training anything: finished cells
+are skipped, final cells wait for their budget's tuning grid and then take its best
+validation HPs, the compute-saved factor and its bootstrap interval on synthetic inputs,
+and the summary / report only from the cells that exist."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "study", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "study.py"))
+study = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(study)
+
+
+def _finish_tuning(results, method, images, best=(64, 4e-3)):
+    for batch in study.GRID_BATCH:
+        for lr in study.GRID_LR:
+            acc = 0.8 if (batch, lr) == best else 0.5 + 0.01 * study.GRID_LR.index(lr)
+            study.write_result(study.tune_cell(method, images, batch, lr), {"knn_acc": acc, "steps": 1}, results)
+
+
+def test_finished_cells_are_skipped_and_runs_resume_in_order(tmp_path, monkeypatch):
+    results = str(tmp_path / "results")
+    cells = study.plan("mocov3", results)
+    todo = study.pending(cells, results)
+    assert todo[0]["kind"] == "reference" and todo[1]["kind"] == "tune"
+    assert len({study.cell_id(c) for c in cells}) == len(cells)  # every cell has its own id / directory
+    study.write_result(todo[1], {"knn_acc": 0.7, "steps": 1500}, results)
+    assert study.load_result(todo[1], results)["knn_acc"] == 0.7
+    assert study.cell_id(todo[1]) not in {study.cell_id(c) for c in study.pending(study.plan("mocov3", results),
+                                                                                   results)}
+    ran = []
+    monkeypatch.setattr(study, "run_cell", lambda cell: ran.append(study.cell_id(cell)) or {"knn_acc": 0.1,
+                                                                                            "steps": 1})
+    assert study.main(["run", "--results", results, "--stage", "tune", "--max-cells", "2"]) == 0
+    assert ran == [study.cell_id(c) for c in todo[2:4]]  # the next two, the finished one skipped
+    ran.clear()
+    assert study.main(["run", "--results", results, "--stage", "tune", "--max-cells", "2"]) == 0
+    assert ran == [study.cell_id(c) for c in todo[4:6]]  # a second invocation continues
+
+
+def test_final_cells_wait_for_tuning_and_take_the_best_validation_hps(tmp_path):
+    results = str(tmp_path)
+    first = study.BUDGET_IMAGES[0]
+    blocked = [c for c in study.plan("mocov3", results) if c["kind"] == "final" and c["images"] == first]
+    assert blocked and all(c.get("blocked") == "tuning" for c in blocked)
+    assert study.pending(blocked, results) == []
+    _finish_tuning(results, "mocov3", first, best=(64, 4e-3))
+    assert study.tuned_hp("mocov3", first, results) == (64, 4e-3)
+    finals = [c for c in study.plan("mocov3", results) if c["kind"] == "final" and c["images"] == first]
+    assert all("blocked" not in c and (c["batch"], c["lr"]) == (64, 4e-3) and c["split"] == "test" for c in finals)
+    assert {c["schedule"] for c in finals} == set(study.schedules_for("mocov3"))
+    assert {c["seed"] for c in finals} == set(study.SEEDS)
+    # the next budget stays blocked; tuning never uses the test split
+    later = [c for c in study.plan("mocov3", results) if c["kind"] == "final" and c["images"] != first]
+    assert all(c.get("blocked") == "tuning" for c in later)
+    assert all(c["split"] == "val" for c in study.plan("mocov3", results) if c["kind"] == "tune")
+    # the compressed schedules only at the smaller budgets
+    assert {c["images"] for c in study.plan("mocov3", results) if c["kind"] == "final"
+            and c["schedule"] != "none"} == set(study.COMPRESSED_BUDGETS)
+
+
+def test_budget_needed_interpolates_in_log_budget_on_the_monotone_curve():
+    curve = [(1.0, 0.5), (2.0, 0.6), (4.0, 0.7)]
+    assert study.budget_needed(curve, 0.6) == (pytest.approx(2.0), "=")
+    assert study.budget_needed(curve, 0.65) == (pytest.approx(2 ** 1.5), "=")
+    assert study.budget_needed(curve, 0.4) == (1.0, "<=")
+    assert study.budget_needed(curve, 0.9) == (4.0, ">")
+    # a noisy dip is flattened to the best so far
+    assert study.budget_needed([(1.0, 0.5), (2.0, 0.45), (4.0, 0.7)], 0.6)[0] == pytest.approx(2 ** 1.5)
+    with pytest.raises(ValueError):
+        study.budget_needed([], 0.5)
+
+
+def test_compute_saved_exact_and_bootstrap_interval_on_synthetic_seeds():
+    baseline = {1.0: [0.5, 0.5, 0.5], 2.0: [0.6, 0.6, 0.6], 4.0: [0.7, 0.7, 0.7]}
+    exact = study.compute_saved(baseline, [0.6, 0.6, 0.6], 1.0, n_boot=200)
+    assert exact["factor"] == pytest.approx(2.0) and exact["interval"] == [pytest.approx(2.0)] * 2
+    assert exact["bound"] == "=" and exact["censored_fraction"] == 0.0
+    worse = study.compute_saved(baseline, [0.45, 0.45], 2.0, n_boot=50)
+    assert worse["factor"] == pytest.approx(0.5) and worse["bound"] == "<="  # a factor below 1 is reported
+    noisy = study.compute_saved({1.0: [0.49, 0.5, 0.51], 2.0: [0.58, 0.6, 0.62], 4.0: [0.7, 0.69, 0.71]},
+                                [0.63, 0.65, 0.67], 1.0, n_boot=500, seed=1)
+    lo, hi = noisy["interval"]
+    assert lo < noisy["factor"] < hi and hi / lo > 1.1
+    assert noisy["factor"] == pytest.approx(2 ** 1.5)  # the means sit exactly on the curve
+    # deterministic for a seed, and the interval narrows when the seeds agree more
+    assert study.compute_saved(baseline, [0.6, 0.62, 0.58], 1.0, n_boot=300, seed=3) == \
+        study.compute_saved(baseline, [0.6, 0.62, 0.58], 1.0, n_boot=300, seed=3)
+    tight = study.compute_saved(baseline, [0.6, 0.605, 0.595], 1.0, n_boot=300, seed=3)["interval"]
+    loose = study.compute_saved(baseline, [0.6, 0.64, 0.56], 1.0, n_boot=300, seed=3)["interval"]
+    assert tight[1] - tight[0] < loose[1] - loose[0]
+
+
+def test_summary_and_report_only_from_finished_cells(tmp_path):
+    results = str(tmp_path / "results")
+    B = study.BUDGET_IMAGES
+    accs = {B[0]: 0.70, B[1]: 0.74, B[2]: 0.78}
+    for images, acc in accs.items():
+        for seed in study.SEEDS:
+            cell = {"kind": "final", "method": "mocov3", "schedule": "none", "images": images, "batch": 128,
+                    "lr": 2e-3, "seed": seed, "split": "test"}
+            study.write_result(cell, {"knn_acc": acc + 0.002 * seed, "probe_acc": acc + 0.05, "steps": 10}, results)
+    for seed in study.SEEDS[:2]:
+        cell = {"kind": "final", "method": "mocov3", "schedule": "const:keep=0.5", "images": B[0], "batch": 128,
+                "lr": 2e-3, "seed": seed, "split": "test"}
+        study.write_result(cell, {"knn_acc": 0.742, "probe_acc": 0.8, "steps": 20}, results)
+    study.write_result({"kind": "timing", "method": "mocov3", "schedule": "const:keep=0.5", "batch": 128},
+                       {"time_per_unit_ratio": 0.9}, results)
+    summary = study.summarize(results)
+    m = summary["methods"]["mocov3"]
+    base = m["schedules"]["none"][str(B[0])]
+    assert base["seeds"] == [0, 1, 2] and base["knn"]["mean"] == pytest.approx(0.702)
+    const = m["schedules"]["const:keep=0.5"][str(B[0])]
+    assert const["knn"]["n"] == 2 and const["compute_saved"]["factor"] == pytest.approx(2.0, rel=0.02)
+    assert const["wall_clock_saved"] == pytest.approx(0.9 * const["compute_saved"]["factor"])
+    report = str(tmp_path / "results.md")
+    study.write_report(summary, {"mocov3": (12, 99)}, report)
+    text = open(report).read()
+    assert "| mocov3 | 12 | 99 |" in text and "2.0" in text and "simclr" not in text.split("## Status")[1]
+    assert math.isnan(study._stats([0.5])["std"])
