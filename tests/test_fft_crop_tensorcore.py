@@ -3,7 +3,7 @@
 Without a GPU the strongest evidence is (1) that nvcc compiles it for sm_90 and
 sm_80 onto tensor cores without spills (csrc/cuda/check_compile.py) and (2) that
 its exact arithmetic -- operand rounding to tf32/fp16/bf16, fp32 accumulation per
-k-step, the split-TF32 pass order -- emulated on the CPU
+tensor-core instruction, the split-TF32 pass order -- emulated on the CPU
 (effkern/reference/fft_crop_tensorcore.py) meets the float64 oracle at the op's
 tolerances.  The GPU tests at the end compare the kernel with that emulation and
 the oracle; they skip here.
@@ -12,8 +12,7 @@ the oracle; they skip here.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from effkern.reference.fft_crop_tensorcore import (
     fft_crop_tensorcore,
     round_tf32,
 )
-from tests.oracles import fft_crop_oracle, rel_err
+from oracles import fft_crop_oracle, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "csrc" / "cuda" / "check_compile.py"
@@ -137,14 +136,19 @@ def test_outside_the_fused_limits_is_refused():
 
 # ---- compile check (nvcc + cuobjdump, no GPU) ----
 
-def _tools_present() -> bool:
+def _load_check_compile():
     spec = importlib.util.spec_from_file_location("check_compile", CHECK)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _tools_present() -> bool:
+    mod = _load_check_compile()
     return mod.find_tool("nvcc") is not None and mod.find_tool("cuobjdump") is not None
 
 
-needs_nvcc = pytest.mark.skipif(not CHECK.exists() or not _tools_present(), reason="needs nvcc and cuobjdump")
+needs_nvcc = pytest.mark.skipif(not _tools_present(), reason="needs nvcc and cuobjdump")
 
 
 @needs_nvcc
@@ -153,8 +157,6 @@ def test_cuda_kernels_compile_onto_tensor_cores_without_spills(tmp_path):
     proc = subprocess.run([sys.executable, str(CHECK), "--arch", "90", "80", "--build-dir", str(tmp_path),
                            "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    import json
-
     rows = json.loads(out.read_text())
     tc = [r for r in rows if r["source"] == "fft_crop_tc_kernel.cu"]
     # 6 instantiations (fp32 1/3 passes, uint8 1/3 passes, fp16, bf16) per architecture
@@ -167,9 +169,7 @@ def test_cuda_kernels_compile_onto_tensor_cores_without_spills(tmp_path):
 
 
 def test_check_compile_parsers_on_recorded_output():
-    spec = importlib.util.spec_from_file_location("check_compile", CHECK)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_check_compile()
     log = (
         "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'\n"
         "ptxas info    : Function properties for _Z1kPf\n"

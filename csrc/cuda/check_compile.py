@@ -167,8 +167,9 @@ def format_table(rows: list[dict]) -> str:
                          f"FAIL: {'; '.join(r['problems'])} |")
             continue
         ok = "ok" if r["ok"] else "FAIL: " + "; ".join(r["problems"])
-        lines.append(f"| sm_{r['arch']} | {r['source']} | `{_short(r['kernel'])}` | {r['registers']} | {r['stack']} | "
-                     f"{r['spill_stores']}/{r['spill_loads']} | {r['smem_static']} | {r['hmma']} | {r['hgmma']} | {ok} |")
+        lines.append(f"| sm_{r['arch']} | {r['source']} | `{_short(r['kernel'])}` | {r['registers']} | "
+                     f"{r['stack']} | {r['spill_stores']}/{r['spill_loads']} | {r['smem_static']} | {r['hmma']} | "
+                     f"{r['hgmma']} | {ok} |")
     return "\n".join(lines)
 
 

@@ -258,7 +258,8 @@ __global__ void __launch_bounds__(kThreads, 2) fft_crop_tc_kernel(FftCropTcArgs 
       __syncthreads();  // the previous tile (or the previous slice's stage 2) is done with a1/bw
       stage_tile(a1, kLda1, x, p.Wi, static_cast<int>(p.Hi), rows1, k0, p.Wi, rank_one ? p.lv_h : nullptr,
                  p.lv_w, rank_acc);
-      stage_tile(bw, kLda1, static_cast<const E1*>(p.Lw) + n0 * p.Wi, p.Wi, cols_valid, kBN, k0, p.Wi, nullptr, nullptr, rank_acc);
+      stage_tile(bw, kLda1, static_cast<const E1*>(p.Lw) + n0 * p.Wi, p.Wi, cols_valid, kBN, k0, p.Wi, nullptr,
+                 nullptr, rank_acc);
       __syncthreads();
       warp_mma<Op1, wmma::col_major, kPasses, kXExact>(acc1, a1, kLda1, bw, kLda1, warp, row_tiles1, col_frags);
     }
@@ -275,7 +276,9 @@ __global__ void __launch_bounds__(kThreads, 2) fft_crop_tc_kernel(FftCropTcArgs 
         } else {
           wmma::store_matrix_sync(scratch, acc1[j][f], 16, wmma::mem_row_major);
           __syncwarp();
-          for (int e = lane; e < 256; e += 32) t[(rt * 16 + e / 16) * kLdt + f * 16 + e % 16] = from_float<E2>(scratch[e]);
+          for (int e = lane; e < 256; e += 32) {
+            t[(rt * 16 + e / 16) * kLdt + f * 16 + e % 16] = from_float<E2>(scratch[e]);
+          }
           __syncwarp();
         }
       }
@@ -300,7 +303,8 @@ __global__ void __launch_bounds__(kThreads, 2) fft_crop_tc_kernel(FftCropTcArgs 
       for (int f = 0; f < 4; ++f) wmma::fill_fragment(acc2[j][f], 0.f);
     for (int k0 = 0; k0 < rows1; k0 += kBK) {
       if (k0 > 0) __syncthreads();
-      stage_tile(a2, kLda2, static_cast<const E2*>(p.Lh), p.Hi, static_cast<int>(p.Ho), rows2, k0, p.Hi, nullptr, nullptr, rank_acc);
+      stage_tile(a2, kLda2, static_cast<const E2*>(p.Lh), p.Hi, static_cast<int>(p.Ho), rows2, k0, p.Hi, nullptr,
+                 nullptr, rank_acc);
       __syncthreads();
       warp_mma<Op2, wmma::row_major, kPasses, false>(acc2, a2, kLda2, t + k0 * kLdt, kLdt, warp, row_tiles2,
                                                     col_frags);
