@@ -48,29 +48,41 @@ import triton
 import triton.language as tl
 
 from effkern.backend import triton_interpret
+from effkern.kernels._autotune import autotune, config
 
 # ---------------------------------------------------------------------------
-# configs
+# configs: per architecture (effkern/kernels/_autotune.py); the sweep in
+# benchmarks/results/gpu_compile_full.md shows each compiles without spilling.
 # ---------------------------------------------------------------------------
 
-if triton_interpret():
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
-    _DW_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
-else:  # pragma: no cover - GPU only
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
-    ]
-    _DW_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_stages=4, num_warps=4),
-    ]
+_KEY = ["D", "K", "P", "HAS_IDX"]  # not T: ragged batches change it every step (no retuning)
+
+
+def _tensor_cores(args: dict) -> bool:
+    """16-bit inputs, or fp32 with tf32 allowed: the dots run on tensor cores."""
+    return args["img_ptr"].dtype in (torch.float16, torch.bfloat16) or args["PRECISION"] == "tf32"
+
+
+def _fwd_configs(arch: int, args: dict) -> list:
+    table = _FWD_TILES[("tc" if _tensor_cores(args) else "ieee", 90 if arch >= 90 else 80)]
+    return [config(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
+            for (m, n, k, w, s) in table]
+
+
+def _dw_configs(arch: int, args: dict) -> list:
+    table = _DW_TILES[("tc" if _tensor_cores(args) else "ieee", 90 if arch >= 90 else 80)]
+    return [config(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for (m, n, k, w, s) in table]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_FWD_TILES = {}
+_DW_TILES = {}
+for _arch in (90, 80):
+    _FWD_TILES[("tc", _arch)] = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
+                                 (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
+    _FWD_TILES[("ieee", _arch)] = _FWD_TILES[("tc", _arch)]
+    _DW_TILES[("tc", _arch)] = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (32, 64, 64, 4, 4)]
+    _DW_TILES[("ieee", _arch)] = _DW_TILES[("tc", _arch)]
 
 
 @triton.jit
@@ -92,6 +104,7 @@ def _token_patches(idx_ptr, offs_m, mask_m, NPATCH, GW, s_ib, s_ih, s_iw,
 # forward: out = gather(images) @ W^T + bias + pos[n]
 # ---------------------------------------------------------------------------
 
+@autotune(_fwd_configs, key=_KEY, interpret=config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2))
 @triton.jit
 def _patch_embed_fwd_kernel(
     img_ptr, w_ptr, bias_ptr, pos_ptr, idx_ptr, out_ptr,
@@ -154,6 +167,7 @@ def _patch_embed_fwd_kernel(
 # weight gradient: dW[d, k] = sum_t dY[t, d] * P[t, k]
 # ---------------------------------------------------------------------------
 
+@autotune(_dw_configs, key=_KEY, interpret=config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
 @triton.jit
 def _patch_embed_dw_kernel(
     grad_ptr, img_ptr, idx_ptr, out_ptr,
@@ -200,11 +214,6 @@ def _patch_embed_dw_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "K", "P", "HAS_IDX"])(_patch_embed_fwd_kernel)
-# keys leave out T (ragged batches change it every step; retuning each step would be slow)
-_dw_tuned = triton.autotune(_DW_CONFIGS, key=["D", "K", "P", "HAS_IDX"])(_patch_embed_dw_kernel)
-
-
 # ---------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------
@@ -222,14 +231,6 @@ def _empty(shape, device, dtype) -> torch.Tensor:
 
 def _upcast(dtype: torch.dtype) -> bool:
     return triton_interpret() and dtype in (torch.float16, torch.bfloat16)
-
-
-def _launch(kernel_tuned, kernel_raw, configs, grid, *args, **kwargs):
-    if triton_interpret():
-        meta = dict(configs[0].kwargs)
-        kernel_raw[grid(meta)](*args, **kwargs, **meta)
-    else:  # pragma: no cover - GPU only
-        kernel_tuned[grid](*args, **kwargs)
 
 
 def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -250,13 +251,13 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
 
-    _launch(_fwd_tuned, _patch_embed_fwd_kernel, _FWD_CONFIGS, grid,
-            images, weight, bias if bias is not None else dummy, pos if pos is not None else dummy,
-            index if index is not None else dummy, out,
-            T, D, K, npatch, gw,
-            *images.stride(), *weight.stride(), *pos_s, *out.stride(),
-            P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_IDX=index is not None,
-            ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device), UPCAST=_upcast(images.dtype))
+    _patch_embed_fwd_kernel[grid](
+        images, weight, bias if bias is not None else dummy, pos if pos is not None else dummy,
+        index if index is not None else dummy, out,
+        T, D, K, npatch, gw,
+        *images.stride(), *weight.stride(), *pos_s, *out.stride(),
+        P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_IDX=index is not None,
+        ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device), UPCAST=_upcast(images.dtype))
     return out
 
 
@@ -293,10 +294,10 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, index: torc
     def grid(meta):
         return (triton.cdiv(D, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), split)
 
-    _launch(_dw_tuned, _patch_embed_dw_kernel, _DW_CONFIGS, grid,
-            grad, images, index if index is not None else grad, ws,
-            T, D, K, npatch, gw, chunk,
-            *grad.stride(), *images.stride(), *ws.stride(),
-            P=p, HAS_IDX=index is not None,
-            ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device), UPCAST=_upcast(images.dtype))
+    _patch_embed_dw_kernel[grid](
+        grad, images, index if index is not None else grad, ws,
+        T, D, K, npatch, gw, chunk,
+        *grad.stride(), *images.stride(), *ws.stride(),
+        P=p, HAS_IDX=index is not None,
+        ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device), UPCAST=_upcast(images.dtype))
     return (ws[0] if split == 1 else ws.sum(0)).to(images.dtype)

@@ -32,13 +32,17 @@ so the padding cost is only in the (cheap) grid, never in memory.
             recomputing P^T from LSE; dK and dV stay in registers.
   dQ        one query block, loops over the key blocks.
 Each output element is written by exactly one program: no atomics, deterministic.
-head_dim that is not a power of two (80, 96) is padded to BLOCK_D = next_pow2 in
-registers only (masked loads/stores).  fp32 inputs use IEEE fp32 dots (no tf32)
-so that fp32 results match a float64 oracle to ~1e-6, also in the interpreter.
+Any head_dim from 8 to 256 runs: it is padded to BLOCK_D = max(16, next_pow2(head_dim))
+in registers only (masked loads/stores; 16 is tl.dot's smallest K).  fp32 inputs use
+IEEE fp32 dots (no tf32) so that fp32 results match a float64 oracle to ~1e-6, also in
+the interpreter.
 
-Block sizes are autotuned per (head_dim, power-of-two bucket of max_seqlen, dtype);
-under TRITON_INTERPRET=1 one small config is used (autotuning in the interpreter
-is slow and meaningless).
+Block sizes are autotuned per (head_dim, power-of-two bucket of max_seqlen, dtype)
+over per-architecture lists (_TILES, through effkern/kernels/_autotune.py): on sm_90
+only tiles whose dots lower to wgmma, on both sm_90 and sm_80 only tiles that compile
+without spilling for the launch's BLOCK_D (checked by `effkern doctor --compile-gpu`).
+Under TRITON_INTERPRET=1 one small config is used (autotuning in the interpreter is
+slow and meaningless).
 """
 
 from __future__ import annotations
@@ -48,24 +52,70 @@ import triton
 import triton.language as tl
 
 from effkern.backend import triton_interpret
+from effkern.kernels._autotune import autotune, config
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _configs(pairs, warps=(4, 8), stages=(2, 3)):
-    if triton_interpret():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in pairs for w in warps for s in stages]
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256  # any head_dim in between: padded to BLOCK_D inside the kernel
+SUPPORTED_HEAD_DIMS = range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1)  # what effkern.ops sends to these launchers
 
 
-# ViT sequences are short (50-600 tokens): small query blocks keep enough programs
-# in flight; long sequences prefer the large ones.
-_FWD_CONFIGS = _configs([(32, 32), (64, 32), (64, 64), (128, 32), (128, 64)])
-_DKDV_CONFIGS = _configs([(32, 32), (32, 64), (64, 64), (32, 128), (64, 128)])
-_DQ_CONFIGS = _configs([(32, 32), (64, 32), (64, 64), (128, 32), (128, 64)])
+def block_d(head_dim: int) -> int:
+    """The padded head_dim tile: the next power of two, at least 16 (tl.dot's minimum K)."""
+    return max(16, triton.next_power_of_2(int(head_dim)))
+
+
 _KEY = ["HEAD_DIM", "SEQ_BUCKET"]
+_INTERPRET = config(num_warps=1, num_stages=1, BLOCK_M=16, BLOCK_N=16)
+
+
+def _tiles(arch: int, args: dict, kind: str) -> list:
+    """Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) of one kernel: see "Tiling"."""
+    d, tensor_cores = args["BLOCK_D"], args["DOT_PREC"] is None
+    table = _TILES[(kind, "tc" if tensor_cores else "ieee", 90 if arch >= 90 else 80)]
+    return [config(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n)
+            for (m, n, w, s, max_d) in table if d <= max_d]
+
+
+def _fwd_configs(arch, args):
+    return _tiles(arch, args, "fwd")
+
+
+def _dkdv_configs(arch, args):
+    return _tiles(arch, args, "dkdv")
+
+
+def _dq_configs(arch, args):
+    return _tiles(arch, args, "dq")
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest BLOCK_D the tile serves without spilling).
+# Checked by effkern.tools.gpu_compile (benchmarks/results/gpu_compile_full.md): each tile
+# compiles for its architecture with no spill and within shared memory for every BLOCK_D
+# up to its bound; on sm_90 every 16-bit dot is a wgmma (dot M = BLOCK_M in fwd/dQ and
+# BLOCK_N in dK/dV, so that one is >= 64).  ViT sequences are 50-600 tokens: 64-row
+# tiles with 8 warps rather than 32-row tiles keep programs small without leaving wgmma.
+_TILES = {
+    ("fwd", "tc", 90): [(64, 32, 4, 3, 128), (64, 64, 4, 3, 128), (64, 32, 8, 2, 256), (64, 64, 8, 2, 256),
+                        (128, 32, 8, 2, 256), (128, 64, 8, 3, 128)],
+    ("dkdv", "tc", 90): [(32, 64, 4, 2, 64), (64, 64, 4, 2, 64), (64, 128, 8, 2, 64), (64, 64, 8, 2, 128),
+                         (32, 128, 8, 2, 128), (32, 64, 8, 2, 256)],
+    ("dq", "tc", 90): [(64, 32, 4, 2, 128), (64, 64, 4, 2, 128), (64, 32, 8, 2, 256), (64, 64, 8, 2, 256),
+                       (128, 32, 8, 2, 256), (128, 64, 8, 2, 128)],
+    ("fwd", "tc", 80): [(32, 32, 4, 2, 256), (32, 64, 4, 2, 256), (64, 32, 4, 2, 128), (64, 64, 4, 2, 64),
+                        (64, 64, 8, 2, 256), (128, 32, 8, 2, 128), (128, 64, 8, 2, 128)],
+    ("dkdv", "tc", 80): [(32, 32, 4, 2, 128), (32, 64, 4, 2, 64), (32, 32, 8, 2, 256), (64, 32, 8, 2, 256),
+                         (32, 64, 8, 2, 128), (64, 64, 8, 2, 128)],
+    ("dq", "tc", 80): [(32, 32, 4, 2, 256), (32, 64, 4, 2, 256), (64, 64, 4, 2, 64), (64, 32, 8, 2, 256),
+                       (64, 64, 8, 2, 128), (128, 32, 8, 2, 128)],
+}
+# IEEE fp32 dots run on CUDA cores (FMA): smaller tiles, the same on both architectures.
+for _kind in ("fwd", "dkdv", "dq"):
+    for _arch in (90, 80):
+        _TILES[(_kind, "ieee", _arch)] = [(32, 32, 4, 1, 256), (32, 32, 8, 1, 256), (64, 32, 8, 1, 256),
+                                          (32, 64, 8, 1, 256), (64, 64, 8, 1, 256)]
 
 
 @triton.jit
@@ -93,7 +143,7 @@ def _row_stats(LSE, DELTA, h, total, rows, mask):
     return lse2, tl.load(DELTA + h * total + rows, mask=mask, other=0.0)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@autotune(_fwd_configs, key=_KEY, interpret=_INTERPRET)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU,
                 sqt, sqh, skt, skh, svt, svh, sot, soh, total,
@@ -154,7 +204,7 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sot, soh, sdt, sdh, total,
     tl.store(DELTA + h * total + r64, delta, mask=rows < total)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
+@autotune(_dkdv_configs, key=_KEY, interpret=_INTERPRET)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
                      sqt, sqh, skt, skh, svt, svh, sdot, sdoh,
@@ -203,7 +253,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
     _store_tile(DV, keys, sdvt, h, sdvh, offs_d, dv, kv_mask)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
+@autotune(_dq_configs, key=_KEY, interpret=_INTERPRET)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
                    sqt, sqh, skt, skh, svt, svh, sdot, sdoh, sdqt, sdqh, total,
@@ -249,16 +299,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU,
 
 # --------------------------------------------------------------------------- launchers
 
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
-
-
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _common(q, max_seqlen):
     head_dim = q.shape[-1]
-    return dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
                 DOT_PREC="ieee" if q.dtype == torch.float32 else None,  # None: the default (tensor cores)
                 SEQ_BUCKET=triton.next_power_of_2(max(int(max_seqlen), 16)))
 
@@ -290,7 +337,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float,
     block_t = 16 if triton_interpret() else 64
     _bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=block_t)
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_T=block_t)
     common = _common(q, max_seqlen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))

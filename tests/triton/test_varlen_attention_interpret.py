@@ -54,6 +54,19 @@ def test_fwd_bwd_matches_oracle(head_dim):
     _check(out, varlen_attention_oracle(q, k, v, cu), (q, k, v), 1e-5)
 
 
+@pytest.mark.parametrize("head_dim,dtype", [(8, torch.float32), (12, torch.float32), (24, torch.float16),
+                                             (48, torch.float32), (100, torch.float32), (200, torch.float16),
+                                             (256, torch.float32)])
+def test_every_head_dim_is_padded_inside_the_kernel(head_dim, dtype):
+    """head_dim 8..256 runs on the Triton kernels (padded to BLOCK_D = max(16, next pow2))."""
+    kern = importlib.import_module("effkern.kernels.varlen_attention")
+    assert head_dim in kern.SUPPORTED_HEAD_DIMS and kern.block_d(head_dim) >= max(16, head_dim)
+    q, k, v, cu, m = _inputs([3, 0, 18], 2, head_dim, dtype, seed=head_dim)
+    assert va_module._use_triton(q)
+    out = varlen_attention(q, k, v, cu, m)
+    _check(out, varlen_attention_oracle(q, k, v, cu), (q, k, v), 1e-5 if dtype == torch.float32 else 3e-3)
+
+
 def test_block_multiples_and_loose_max_seqlen():
     q, k, v, cu, _ = _inputs([16, 32, 1], 1, 32, seed=2)
     out = varlen_attention(q, k, v, cu, 64, scale=0.3)
