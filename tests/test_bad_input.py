@@ -284,8 +284,8 @@ def check_noncontiguous_keep_idx():
     got = patch_embed(images, w, None, 4, keep_idx=keep, cu_seqlens=cu)
     want = patch_embed(images, w, None, 4, keep_idx=keep.contiguous(), cu_seqlens=cu.contiguous())
     assert torch.equal(got, want)
-    full = patch_embed(images, w, None, 4)
-    assert torch.equal(got, torch.cat([full[0, [0, 3, 15]], full[1, [2, 7]]]))
+    full = patch_embed(images, w, None, 4)  # another GEMM shape: equal up to rounding only
+    assert rel_err(got, torch.cat([full[0, [0, 3, 15]], full[1, [2, 7]]])) < 1e-6
     index = torch.tensor([0, 3, 15, 18, 23])
     w2d = w.reshape(8, -1)
     with pytest.raises(ValueError, match="index has dtype"):
@@ -334,6 +334,7 @@ def _schedule_files(tmp):
     for name, text in files.items():
         (tmp / f"{name}.json").write_text(text)
     (tmp / "dir.json").mkdir()
+    (tmp / "garbage.pt").write_bytes(b"\x80\x04not a checkpoint" * 10)
     return tmp
 
 
@@ -385,6 +386,10 @@ CLI_CASES = [
     (["schedule", "show", "none", "--model-arg", "depth=true"], "--model-arg depth must be an int"),
     (["schedule", "show", "bogus"], "unknown schedule"),
     (["schedule", "calibrate", "--device", "cuda:99"], "--device cuda:99"),
+    (["schedule", "search", *TINY, "--checkpoints", "0.5:{tmp}/garbage.pt", "--out", "{tmp}/search"],
+     "garbage.pt is not a readable effkern checkpoint"),
+    (["schedule", "search", *TINY, "--checkpoints", "0.5:{tmp}/none.pt", "--out", "{tmp}/search"],
+     "none.pt does not exist"),
     (["demo", "--device", "cuda:99"], "--device cuda:99"),
     (["demo", "--budget", "-1"], "--budget must be a finite number > 0"),
     (["demo", "--accelerated", "bogus"], "unknown schedule"),
@@ -489,6 +494,15 @@ def _damage(path, how):
 DAMAGE = ["truncated", "zero-bytes", "random-bytes", "foreign-pickle", "foreign-torch-dict", "directory"]
 
 
+def test_read_names_the_file(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="missing.pt does not exist"):
+        ckpt.read(str(tmp_path / "missing.pt"))
+    (tmp_path / "list.pt").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ckpt.CheckpointError, match="list.pt is not an effkern training checkpoint"):
+        ckpt.read(str(tmp_path / "list.pt"))
+
+
 def test_save_keeps_the_previous_checkpoint(stopped_run):
     run = stopped_run / "stopped"
     latest, prev = ckpt.load(str(run)), ckpt.load(str(run), ckpt.PREVIOUS)
@@ -496,7 +510,6 @@ def test_save_keeps_the_previous_checkpoint(stopped_run):
     assert not list(run.glob(".checkpoint.pt.*.tmp"))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the foreign pickle
 @pytest.mark.parametrize("how", DAMAGE + ["missing"])
 def test_resume_falls_back_to_the_previous_checkpoint(stopped_run, tmp_path, how):
     from effkern.train.loop import Run
@@ -508,7 +521,6 @@ def test_resume_falls_back_to_the_previous_checkpoint(stopped_run, tmp_path, how
     assert run.state["step"] == 3
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("how", DAMAGE)
 def test_damaged_checkpoints_fail_with_one_line_naming_the_file(stopped_run, tmp_path, how):
     from effkern.train.loop import Run

@@ -94,11 +94,15 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _read(path: str, map_location="cpu") -> dict:
+def read(path: str, map_location="cpu") -> dict:
     """torch.load a checkpoint and check its top-level layout; CheckpointError naming
     ``path`` otherwise."""
     try:
-        saved = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it all
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
     except Exception as exc:  # noqa: BLE001 -- any failure to deserialise means a damaged/foreign file
@@ -131,7 +135,7 @@ def save_atomic(state: dict, directory: str, name: str = CHECKPOINT) -> str:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        _read(tmp)  # verify: complete and loadable the way --resume loads it
+        read(tmp)  # verify: complete and loadable the way --resume loads it
         if name == CHECKPOINT and os.path.exists(path):
             os.replace(path, os.path.join(directory, PREVIOUS))
         os.replace(tmp, path)
@@ -182,7 +186,7 @@ def load_for_resume(directory: str, cfg: dict | None = None, map_location="cpu")
     errors = []
     for path in files:
         try:
-            saved = _read(path, map_location)
+            saved = read(path, map_location)
         except CheckpointError as exc:
             errors.append(str(exc))
             continue
@@ -204,4 +208,4 @@ def load(directory: str, name: str = CHECKPOINT, map_location="cpu") -> dict | N
     path = os.path.join(directory, name)
     if not os.path.lexists(path):
         return None
-    return _read(path, map_location)
+    return read(path, map_location)

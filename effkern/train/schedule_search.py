@@ -21,6 +21,7 @@ from torch import Tensor
 
 from effkern.schedules.search import estimate, grad_seed, monotone_choice, stage_label
 from effkern.schedules.stage import Schedule, Stage
+from effkern.train import checkpoint as ckpt
 from effkern.train.data import make_loader
 
 __all__ = ["search", "make_grad_fn", "param_groups"]
@@ -110,7 +111,7 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
             state = init_state
         else:
             file = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-            state = torch.load(file, map_location=run.device, weights_only=False)["method"]
+            state = ckpt.read(file, map_location=run.device)["method"]  # CheckpointError naming a bad file
         run.method.load_state_dict(state)
         grad_fn, groups, nb = make_grad_fn(run, progress, n_batches, seed, ref_stage)
         rows = estimate(grad_fn, strategies, ref_stage, nb, repeats, seed, n=n, groups=groups)
