@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from effkern.reference import fft_crop_tensorcore as tc
 from effkern.reference.fft_crop_tensorcore import (
     FUSED_MAX_ROWS,
     fft_crop_backward_tensorcore,
@@ -124,6 +125,39 @@ def test_emulated_backward_is_the_oracles_adjoint(sizes, dtype):
     dx = fft_crop_backward_tensorcore(grad, (H, W), std)
     assert dx.shape == (2, 3, H, W) and dx.dtype == dtype
     assert rel_err(dx, ref) < TOL[dtype]
+
+
+# (N, C, H, W, h, w, dtype, tf32_single_pass, adjoint): several 64-column blocks with a
+# partial last fragment (w = 130), H not a multiple of 32, rank-one terms, affine.
+WALKS = [
+    (1, 2, 40, 36, 20, 18, torch.float32, False, False),
+    (1, 1, 72, 150, 40, 130, torch.float32, False, False),
+    (1, 1, 72, 150, 40, 130, torch.float32, True, False),
+    (1, 2, 31, 37, 16, 20, torch.uint8, False, False),
+    (2, 1, 33, 70, 17, 66, torch.float16, False, False),
+    (1, 2, 40, 36, 20, 18, torch.bfloat16, False, False),
+    (1, 2, 30, 34, 16, 20, torch.float32, False, True),
+]
+
+
+@pytest.mark.parametrize("walk", WALKS, ids=lambda w: "x".join(map(str, w[:6])) + f"-{w[6]}-{w[7]}-{w[8]}")
+def test_kernel_walk_equals_the_emulation_bit_for_bit(walk):
+    # The literal block/warp/fragment walk of the kernel (NaN-filled shared memory,
+    # the kernel's offsets and bounds) against the vectorised emulation.
+    n, c, H, W, h, w, dtype, single, adjoint = walk
+    g = torch.Generator().manual_seed(H * W)
+    x = torch.randn(n, c, *((h, w) if adjoint else (H, W)), generator=g)
+    x = (x * 40 + 128).clamp(0, 255).to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)
+    if adjoint:  # the backward: grad (h, w) -> (H, W) through the transposed crop matrices
+        rows, cols = tc._axis32(H, h, True), tc._axis32(W, w, True)
+    else:
+        rows, cols = tc._axis32(H, h, False), tc._axis32(W, w, False)
+    scale, shift = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    out = torch.float32 if dtype == torch.uint8 else dtype
+    emulated = tc.apply_tensorcore(x, rows, cols, scale, shift, out, single)
+    walked = tc.kernel_walk(x, rows, cols, scale, shift, out, single)
+    assert not walked.isnan().any()
+    assert torch.equal(walked, emulated)
 
 
 def test_outside_the_fused_limits_is_refused():

@@ -27,10 +27,18 @@ numerics the GPU will produce:
 
 How rows and columns are split into tiles does not change any rounding (each
 output element sees the same k-ordered chain), so only the k order is modelled.
-Not modelled: the summation order of the SIMT fp32 reduction of the rank-one
-scalar s (summed here in float64 and rounded once) and FMA contraction in the
-epilogue (done here in float64, rounded once); both are far below the mma
-rounding.  The kernel handles H and the output height up to 256
+The rank-one scalar s follows the kernel's SIMT order (per-thread fmaf in staging
+order, xor-shuffle butterfly, warps in order).  Assumed, not known: that nvcc
+contracts the epilogue's v - (lu_h s) lu_w into one FMA (modelled so); that
+differs from two roundings by far less than the mma rounding.
+
+``kernel_walk`` goes further: it executes the kernel's blocking literally -- the
+grid of 64-column blocks, the slice loop, shared-memory buffers with the kernel's
+leading dimensions and offsets (filled with NaN, so that reading anything the
+kernel has not written shows up), each warp's row tiles and fragments, the
+staging index arithmetic and the bounds -- with the same per-instruction
+arithmetic.  It must agree bit for bit with the vectorised emulation; the tests
+check that on shapes that exercise partial blocks, partial fragments and padding.  The kernel handles H and the output height up to 256
 (``FUSED_MAX_ROWS``); larger calls use the SIMT fallback, which this does not
 emulate.
 """
@@ -42,6 +50,7 @@ import torch
 from .fft_crop import crop_axis
 
 FUSED_MAX_ROWS = 256  # kMaxRows in fft_crop_tc_kernel.cu
+_THREADS, _WARPS, _BN, _BK = 256, 8, 64, 32  # kThreads, kWarps, kBN, kBK
 
 
 def round_tf32(t: torch.Tensor) -> torch.Tensor:
@@ -58,8 +67,8 @@ def _split_tf32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, round_tf32(t - hi)
 
 
-def _mma_chain(a_passes, b_passes, k_step: int, k_instr: int) -> torch.Tensor:
-    """fp32 accumulation of sum_p a_p @ b_p as the kernel issues it.
+def _mma_chain(a_passes, b_passes, k_step: int, k_instr: int, acc=None) -> torch.Tensor:
+    """fp32 accumulation of sum_p a_p @ b_p as the kernel issues it, onto acc (None: zero).
 
     For each wmma k-step of k_step (ascending), for each pass p (in order), one
     instruction per k_instr slice (ascending) does acc = fp32(acc + exact dot).
@@ -67,7 +76,6 @@ def _mma_chain(a_passes, b_passes, k_step: int, k_instr: int) -> torch.Tensor:
     operand-rounded values.
     """
     K = a_passes[0].shape[-1]
-    acc = None
     for k0 in range(0, K, k_step):
         for a, b in zip(a_passes, b_passes):
             for ki in range(k0, min(k0 + k_step, K), k_instr):
@@ -95,6 +103,70 @@ def _product(a: torch.Tensor, b: torch.Tensor, op: str, single_pass: bool, a_exa
         return _mma_chain([a_lo, a_hi, a_hi], [b_hi, b_lo, b_hi], k_step, k_instr)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[op]
     return _mma_chain([a.to(dtype).float()], [b.to(dtype).float()], k_step, k_instr)
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fmaf(a, b, c): the fp32 product is exact in float64, one rounding at the end."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def _rank_one_partials(tile: torch.Tensor, weight: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    """Each thread's running fmaf over one staged tile, in the kernel's element order.
+
+    tile, weight: (..., rows_pad, 32) fp32 (zero where the kernel stages a zero, which
+    adds nothing); element e = r * 32 + c belongs to thread e % 256 and a thread visits
+    its elements in increasing e.  partial: (..., 256) fp32.
+    """
+    flat_v = tile.reshape(*tile.shape[:-2], -1)
+    flat_w = weight.reshape(*weight.shape[:-2], -1).expand_as(flat_v)
+    for e0 in range(0, flat_v.shape[-1], _THREADS):
+        v, w = flat_v[..., e0:e0 + _THREADS], flat_w[..., e0:e0 + _THREADS]
+        n = v.shape[-1]
+        partial = partial.clone()
+        partial[..., :n] = _fma32(v, w, partial[..., :n])
+    return partial
+
+
+def _rank_one_reduce(partial: torch.Tensor) -> torch.Tensor:
+    """The kernel's block reduction: xor-shuffle butterfly per warp, then warps 0..7 in order (fp32)."""
+    lanes = partial.reshape(*partial.shape[:-1], _THREADS // 32, 32)
+    lane = torch.arange(32)
+    for off in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[..., lane ^ off]
+    total = torch.zeros(partial.shape[:-1], dtype=torch.float32)
+    for w in range(_THREADS // 32):
+        total = total + lanes[..., w, 0]
+    return total
+
+
+def _rank_one_scalar(xs: torch.Tensor, lv_h: torch.Tensor, lv_w: torch.Tensor) -> torch.Tensor:
+    """s = lv_h^T X lv_w per slice (xs (S, Hi, Wi) fp32), summed in the kernel's order."""
+    S, hi, wi = xs.shape
+    rows_pad = -(-hi // _BK) * _BK
+    partial = torch.zeros(S, _THREADS, dtype=torch.float32)
+    for k0 in range(0, wi, _BK):
+        k1 = min(k0 + _BK, wi)
+        tile = torch.zeros(S, rows_pad, _BK)
+        tile[:, :hi, :k1 - k0] = xs[:, :, k0:k1]
+        weight = torch.zeros(rows_pad, _BK)
+        weight[:hi, :k1 - k0] = lv_h[:, None] * lv_w[None, k0:k1]  # fp32 product, as vrow[r] * vcol[gc]
+        partial = _rank_one_partials(tile, weight, partial)
+    return _rank_one_reduce(partial)
+
+
+def _epilogue(acc: torch.Tensor, s, lu_h, lu_w, scale, shift, out_dtype) -> torch.Tensor:
+    """acc (S, Ho, Wo) fp32 -> out: v = acc - lu_h[i] s lu_w[j] (one fused rounding), then
+    fmaf(v, scale[c], shift[c]) and the cast; slices s belong to channel s % C (C = len(scale))."""
+    v = acc
+    if s is not None:
+        t1 = lu_h[None, :, None] * s[:, None, None]  # fp32 product lu_h[i] * s
+        v = (acc.double() - t1.double() * lu_w.double()[None, None, :]).float()
+    if scale is not None:
+        c = scale.shape[0]
+        sh = torch.zeros_like(scale) if shift is None else shift
+        idx = torch.arange(v.shape[0]) % c
+        v = _fma32(v, scale[idx][:, None, None], sh[idx][:, None, None])
+    return v.to(out_dtype)
 
 
 def _axis32(n_in: int, n_out: int, adjoint: bool):
@@ -128,17 +200,8 @@ def apply_tensorcore(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch
     if op2 == "bf16":
         t = t.to(torch.bfloat16).float()  # T is staged in shared memory as bf16
     y = _product(Lh, t, op2, tf32_single_pass)  # stage 2: matrix_a = Lh (all slices), matrix_b = T
-    yd = y.double()
-    if lu_h is not None and lu_w is not None:
-        s = (xs.double() * (lv_h.double()[:, None] * lv_w.double()[None, :])).sum(dim=(-2, -1))
-        s = s.float().double()
-        yd = yd - (lu_h.double()[None, :, None] * s[:, None, None]) * lu_w.double()[None, None, :]
-    yd = yd.reshape(n, c, ho, wo)
-    y = yd.float()
-    if scale is not None:
-        sh = torch.zeros_like(scale) if shift is None else shift
-        y = (y.double() * scale.double().reshape(1, c, 1, 1) + sh.double().reshape(1, c, 1, 1)).float()
-    return y.to(out_dtype)
+    s = _rank_one_scalar(xs, lv_h, lv_w) if lu_h is not None and lu_w is not None else None
+    return _epilogue(y, s, lu_h, lu_w, scale, shift, out_dtype).reshape(n, c, ho, wo)
 
 
 def _affine(x_dtype: torch.dtype, mean, std, channels: int):
@@ -168,3 +231,120 @@ def fft_crop_backward_tensorcore(grad: torch.Tensor, input_size, std=None, *, tf
     scale = None if std is None else (1.0 / std.float()).reshape(grad.shape[1])
     return apply_tensorcore(grad, _axis32(H, h, True), _axis32(W, w, True), scale, None, grad.dtype,
                             tf32_single_pass)
+
+
+def _operand(op: str):
+    """(k of one wmma step, k of one instruction, row padding of the staged tiles, rounding of a staged value)."""
+    if op == "tf32":
+        return 8, 4, 4, lambda t: t  # staged as fp32; rounded/split when a fragment is loaded
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[op]
+    return 16, 16, 8, lambda t: t.to(dtype).float()
+
+
+def kernel_walk(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch.dtype,
+                tf32_single_pass: bool = False) -> torch.Tensor:
+    """fft_crop_tc_kernel executed block by block, warp by warp, fragment by fragment (slow).
+
+    Same arguments as ``apply_tensorcore``; the names below are the kernel's.
+    """
+    Lh, lu_h, lv_h = rows
+    Lw, lu_w, lv_w = cols
+    n, c, Hi, Wi = x.shape
+    Ho, Wo = Lh.shape[0], Lw.shape[0]
+    if Hi > FUSED_MAX_ROWS or Ho > FUSED_MAX_ROWS:
+        raise ValueError(f"x: H={Hi} and output height {Ho} must be <= {FUSED_MAX_ROWS} for the fused kernel")
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    op1 = ("fp16" if x.dtype == torch.float16 else "bf16") if half else "tf32"
+    op2 = "bf16" if half else "tf32"
+    k1, ki1, pad1, conv1 = _operand(op1)
+    k2, ki2, pad2, conv2 = _operand(op2)
+    passes = 1 if (half or tf32_single_pass) else 3
+    x_exact = x.dtype == torch.uint8
+    lda1, lda2, ldt = _BK + pad1, _BK + pad2, _BN + pad2
+    rows1, rows2 = -(-Hi // _BK) * _BK, -(-Ho // 16) * 16
+    row_tiles1, row_tiles2 = rows1 // 16, rows2 // 16
+    slices = n * c
+    xs = x.reshape(slices, Hi, Wi).float()
+    lw_src, lh_src = conv1(Lw), conv2(Lh)  # the caller passes the matrices in the operand types
+    rank_one = lu_h is not None and lu_w is not None
+    y = torch.full((slices, Ho, Wo), float("nan"))
+    ranks = torch.full((slices,), float("nan"))
+
+    def stage(buf, ld, src, rows_valid, rows_pad, col0, cols_valid, conv):
+        """stage_tile: buf[r * ld + c] = conv(src[r, col0 + c]) or 0, r < rows_pad, c < 32."""
+        tile = torch.zeros(rows_pad, _BK)
+        w = max(0, min(_BK, cols_valid - col0))
+        tile[:rows_valid, :w] = src[:rows_valid, col0:col0 + w]
+        buf.as_strided((rows_pad, _BK), (ld, 1), 0).copy_(conv(tile))
+        return tile
+
+    def load(buf, offset, shape, strides, op, split):
+        """load_matrix_sync (+ the TF32 rounding or hi/lo split the kernel applies to the fragment)."""
+        f = buf.as_strided(shape, strides, offset).clone()
+        if op != "tf32":
+            return [f]
+        return list(_split_tf32(f)) if split else [round_tf32(f)]
+
+    def warp_mma(acc, a, lda, b, b_off, ldb, col_major, op, k_step, k_instr, a_exact, row_tiles, col_frags):
+        for warp in range(_WARPS):
+            for kk in range(0, _BK, k_step):
+                for j in range(2):
+                    rt = warp + _WARPS * j
+                    if rt >= row_tiles:
+                        continue
+                    a_f = load(a, rt * 16 * lda + kk, (16, k_step), (lda, 1), op, passes == 3 and not a_exact)
+                    for f in range(4):
+                        if f >= col_frags:
+                            continue
+                        if col_major:  # element (k, n) at n * ldb + k
+                            b_f = load(b, b_off + f * 16 * ldb + kk, (k_step, 16), (1, ldb), op, passes == 3)
+                        else:  # element (k, n) at k * ldb + n
+                            b_f = load(b, b_off + kk * ldb + f * 16, (k_step, 16), (ldb, 1), op, passes == 3)
+                        if passes == 3:
+                            a_hi, a_lo = (a_f[0], None) if a_exact else a_f
+                            b_hi, b_lo = b_f
+                            pa = ([] if a_exact else [a_lo]) + [a_hi, a_hi]
+                            pb = ([] if a_exact else [b_hi]) + [b_lo, b_hi]
+                        else:
+                            pa, pb = a_f[:1], b_f[:1]
+                        acc[(warp, j, f)] = _mma_chain(pa, pb, k_step, k_instr, acc[(warp, j, f)])
+
+    for bx in range(-(-Wo // _BN)):
+        n0 = bx * _BN
+        cols_valid = min(Wo - n0, _BN)
+        col_frags = -(-cols_valid // 16)
+        # shared memory of this block, never cleared between slices (as on the GPU)
+        smem_a = torch.full((max(rows1 * lda1, rows2 * lda2),), float("nan"))
+        smem_b = torch.full((_BN * lda1,), float("nan"))
+        smem_t = torch.full((rows1 * ldt,), float("nan"))
+        for s in range(slices):
+            acc1 = {(w, j, f): torch.zeros(16, 16) for w in range(_WARPS) for j in range(2) for f in range(4)}
+            partial = torch.zeros(_THREADS)
+            for k0 in range(0, Wi, _BK):
+                tile = stage(smem_a, lda1, xs[s], Hi, rows1, k0, Wi, conv1)
+                if rank_one:
+                    weight = torch.zeros(rows1, _BK)
+                    kw = min(_BK, Wi - k0)
+                    weight[:Hi, :kw] = lv_h[:, None] * lv_w[None, k0:k0 + kw]
+                    partial = _rank_one_partials(tile, weight, partial)
+                stage(smem_b, lda1, lw_src[n0:], cols_valid, _BN, k0, Wi, conv1)
+                warp_mma(acc1, smem_a, lda1, smem_b, 0, lda1, True, op1, k1, ki1, x_exact, row_tiles1, col_frags)
+            for (w, j, f), acc in acc1.items():  # T to shared memory in the stage-2 operand type
+                rt = w + _WARPS * j
+                if rt < row_tiles1 and f < col_frags:
+                    smem_t.as_strided((16, 16), (ldt, 1), rt * 16 * ldt + f * 16).copy_(conv2(acc))
+            if rank_one:  # every block of a slice computes the same s
+                ranks[s] = _rank_one_reduce(partial[None])[0]
+            acc2 = {(w, j, f): torch.zeros(16, 16) for w in range(_WARPS) for j in range(2) for f in range(4)}
+            for k0 in range(0, rows1, _BK):
+                stage(smem_a, lda2, lh_src, Ho, rows2, k0, Hi, conv2)
+                warp_mma(acc2, smem_a, lda2, smem_t, k0 * ldt, ldt, False, op2, k2, ki2, False, row_tiles2, col_frags)
+            for (w, j, f), acc in acc2.items():  # epilogue: rows i = rt*16 + r, columns n0 + f*16 + cc
+                rt = w + _WARPS * j
+                if rt >= row_tiles2 or f >= col_frags:
+                    continue
+                i1, j0 = min(16, Ho - rt * 16), n0 + f * 16
+                j1 = min(16, Wo - j0)
+                if i1 > 0 and j1 > 0:
+                    y[s, rt * 16:rt * 16 + i1, j0:j0 + j1] = acc[:i1, :j1]
+    return _epilogue(y, ranks if rank_one else None, lu_h, lu_w, scale, shift, out_dtype).reshape(n, c, Ho, Wo)
