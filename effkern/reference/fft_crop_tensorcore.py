@@ -4,9 +4,10 @@ The kernel was written without a GPU to run it on.  This module repeats its
 arithmetic step for step on the CPU, so that the float64 oracle can check the
 numerics the GPU will produce:
 
-- the crop matrices in float32 (what the kernel reads), the rank-one vectors and
-  the per-channel affine of the fused normalisation as the C++ prepare step makes
-  them;
+- the crop matrices in float32 as the plan cache holds them (the half-precision
+  paths get them rounded once from float32 to their operand type), the rank-one
+  vectors and the per-channel affine of the fused normalisation as the C++
+  prepare step makes them;
 - stage 1 T = X Lw^T and stage 2 Y = Lh T, each a chain of tensor-core
   instructions in increasing k (wmma k-steps of 8 for TF32, each two SASS
   HMMA.1684 of k = 4; k-steps of 16 for fp16/bf16, one HMMA.16816 each); one
@@ -26,7 +27,8 @@ numerics the GPU will produce:
   the cast to the output dtype.
 
 How rows and columns are split into tiles does not change any rounding (each
-output element sees the same k-ordered chain), so only the k order is modelled.
+output element sees the same k-ordered chain), so ``apply_tensorcore`` models only
+the k order.
 The rank-one scalar s follows the kernel's SIMT order (per-thread fmaf in staging
 order, xor-shuffle butterfly, warps in order).  Assumed, not known: that nvcc
 contracts the epilogue's v - (lu_h s) lu_w into one FMA (modelled so); that
@@ -38,9 +40,10 @@ leading dimensions and offsets (filled with NaN, so that reading anything the
 kernel has not written shows up), each warp's row tiles and fragments, the
 staging index arithmetic and the bounds -- with the same per-instruction
 arithmetic.  It must agree bit for bit with the vectorised emulation; the tests
-check that on shapes that exercise partial blocks, partial fragments and padding.  The kernel handles H and the output height up to 256
-(``FUSED_MAX_ROWS``); larger calls use the SIMT fallback, which this does not
-emulate.
+check that on shapes that exercise partial blocks, partial fragments and padding.
+
+The kernel handles H and the output height up to 256 (``FUSED_MAX_ROWS``); larger
+calls use the SIMT fallback, which this does not emulate.
 """
 
 from __future__ import annotations
