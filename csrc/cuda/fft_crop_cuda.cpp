@@ -70,7 +70,11 @@ const at::Tensor& matrix_as(const at::Tensor& L, at::ScalarType dtype) {
   std::lock_guard<std::mutex> lock(mutex);
   const std::pair<const void*, int> key{L.data_ptr(), static_cast<int>(dtype)};
   auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, L.to(dtype).contiguous()).first;
+  if (it == cache.end()) {
+    it = cache.emplace(key, L.to(dtype).contiguous()).first;
+    // Once per matrix: the copy ran on this stream; other streams may read it next.
+    at::cuda::getCurrentCUDAStream().synchronize();
+  }
   return it->second;
 }
 
