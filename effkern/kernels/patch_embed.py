@@ -58,31 +58,42 @@ from effkern.kernels._autotune import autotune, config
 _KEY = ["D", "K", "P", "HAS_IDX"]  # not T: ragged batches change it every step (no retuning)
 
 
-def _tensor_cores(args: dict) -> bool:
-    """16-bit inputs, or fp32 with tf32 allowed: the dots run on tensor cores."""
-    return args["img_ptr"].dtype in (torch.float16, torch.bfloat16) or args["PRECISION"] == "tf32"
+def _dot_kind(args: dict) -> str:
+    """tc: 16-bit inputs (tensor cores); tf32: fp32 with tf32 allowed; ieee: fp32/fp64 on CUDA cores."""
+    if args["img_ptr"].dtype in (torch.float16, torch.bfloat16):
+        return "tc"
+    return "tf32" if args["PRECISION"] == "tf32" else "ieee"
 
 
 def _fwd_configs(arch: int, args: dict) -> list:
-    table = _FWD_TILES[("tc" if _tensor_cores(args) else "ieee", 90 if arch >= 90 else 80)]
     return [config(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
-            for (m, n, k, w, s) in table]
+            for (m, n, k, w, s) in _FWD_TILES[(_dot_kind(args), 90 if arch >= 90 else 80)]]
 
 
 def _dw_configs(arch: int, args: dict) -> list:
-    table = _DW_TILES[("tc" if _tensor_cores(args) else "ieee", 90 if arch >= 90 else 80)]
-    return [config(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k) for (m, n, k, w, s) in table]
+    return [config(num_warps=w, num_stages=s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
+            for (m, n, k, w, s) in _DW_TILES[(_dot_kind(args), 90 if arch >= 90 else 80)]]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  Tensor-core lists: every dot M
+# (BLOCK_M forward, BLOCK_N = the D tile in dW) >= 64, so sm_90 lowers them to wgmma;
+# 128x256 tiles are out (255 registers and a spill on sm_90).  IEEE fp32 (CUDA cores):
+# 32-deep K steps and at most 64x64 outputs per program.  tf32 (fp32 with
+# torch.backends.cuda.matmul.allow_tf32) uses the tensor-core tiles with 32-deep K steps.
 _FWD_TILES = {}
 _DW_TILES = {}
 for _arch in (90, 80):
-    _FWD_TILES[("tc", _arch)] = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4),
-                                 (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
-    _FWD_TILES[("ieee", _arch)] = _FWD_TILES[("tc", _arch)]
-    _DW_TILES[("tc", _arch)] = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (32, 64, 64, 4, 4)]
-    _DW_TILES[("ieee", _arch)] = _DW_TILES[("tc", _arch)]
+    _FWD_TILES[("tc", _arch)] = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+                                 (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
+    _FWD_TILES[("tf32", _arch)] = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
+                                   (64, 64, 32, 4, 3)]
+    _FWD_TILES[("ieee", _arch)] = [(32, 32, 32, 4, 2), (64, 32, 32, 4, 2), (32, 64, 32, 4, 2),
+                                   (64, 64, 32, 8, 2)]
+    _DW_TILES[("tc", _arch)] = [(64, 128, 128, 8, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
+                                (32, 64, 64, 4, 4)]
+    _DW_TILES[("tf32", _arch)] = [(32, 128, 64, 8, 3), (32, 64, 64, 4, 3), (32, 128, 32, 4, 3)]
+    _DW_TILES[("ieee", _arch)] = [(32, 32, 32, 4, 2), (32, 64, 32, 4, 2), (32, 32, 64, 4, 2),
+                                  (32, 64, 64, 8, 2)]
 
 
 @triton.jit

@@ -111,11 +111,16 @@ _TILES = {
     ("dq", "tc", 80): [(32, 32, 4, 2, 256), (32, 64, 4, 2, 256), (64, 64, 4, 2, 64), (64, 32, 8, 2, 256),
                        (64, 64, 8, 2, 128), (128, 32, 8, 2, 128)],
 }
-# IEEE fp32 dots run on CUDA cores (FMA): smaller tiles, the same on both architectures.
-for _kind in ("fwd", "dkdv", "dq"):
+# IEEE fp32 dots run on CUDA cores (FMA), which hold whole tiles in registers: 32-row
+# tiles up to BLOCK_D 128 and one 16x16 tile for BLOCK_D 256; the same on both architectures.
+_IEEE = {"fwd": [(32, 32, 4, 1, 64), (32, 32, 8, 1, 64), (64, 32, 8, 1, 64), (32, 64, 8, 1, 128),
+                 (16, 16, 4, 1, 256)],
+         "dkdv": [(32, 32, 4, 1, 64), (32, 32, 8, 1, 128), (16, 16, 4, 1, 256)],
+         "dq": [(32, 32, 4, 1, 64), (64, 32, 8, 1, 64), (32, 32, 8, 1, 128), (32, 64, 8, 1, 128),
+                (16, 16, 4, 1, 256)]}
+for _kind, _table in _IEEE.items():
     for _arch in (90, 80):
-        _TILES[(_kind, "ieee", _arch)] = [(32, 32, 4, 1, 256), (32, 32, 8, 1, 256), (64, 32, 8, 1, 256),
-                                          (32, 64, 8, 1, 256), (64, 64, 8, 1, 256)]
+        _TILES[(_kind, "ieee", _arch)] = _table
 
 
 @triton.jit

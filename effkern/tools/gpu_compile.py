@@ -164,7 +164,8 @@ def recording(kernels: dict):
 
 # ViT-B/16 at keep ~0.5: 16 images' ragged lengths (CLS + kept patches), max 197.
 VIT_LENGTHS = [99, 113, 87, 197, 105, 92, 120, 76, 101, 197, 88, 110, 95, 131, 84, 99]
-DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32",
+               "tf32": "float32"}  # tf32: fp32 patch embedding with allow_tf32 (attention has no tf32 path)
 
 
 def attention_workload(dtype: str, head_dim: int, heads: int = 12, lengths=VIT_LENGTHS):
@@ -196,6 +197,12 @@ def patch_embed_workload(dtype: str, dim: int, keep: bool = True, batch: int = 6
     from effkern.kernels import patch_embed as kern
 
     dt = getattr(torch, DTYPE_NAMES[dtype])
+    if dtype == "tf32":  # the launcher picks tf32 on CUDA when torch allows it; meta tensors are not CUDA
+        precision, kern._precision = kern._precision, lambda *_: "tf32"
+        try:
+            return patch_embed_workload("fp32", dim, keep, batch, patch).replace("fp32", "tf32")
+        finally:
+            kern._precision = precision
     n = (224 // patch) ** 2
     tokens = batch * n // 2 + 7 if keep else batch * n
     images = torch.empty(batch, 3, 224, 224, device="meta", dtype=dt)
@@ -215,7 +222,7 @@ def workloads(scope: str, dtypes=None, head_dims=None, dims=None) -> list[Callab
     dtypes = dtypes or ("fp16", "bf16", "fp32")
     head_dims = head_dims or (64, 80, 128)
     dims = dims or (384, 768)
-    out = [lambda d=d, h=h: attention_workload(d, h) for d in dtypes for h in head_dims]
+    out = [lambda d=d, h=h: attention_workload(d, h) for d in dtypes for h in head_dims if d != "tf32"]
     out += [lambda d=d, D=D: patch_embed_workload(d, D) for d in dtypes for D in dims]
     return out
 
@@ -360,7 +367,9 @@ def _judge(r: Result) -> None:
 # ----------------------------------------------------------------------------- sweep
 
 def sweep(scope: str = "ci", archs: Iterable[int] = (90, 80), kernels: Iterable[str] | None = None,
-          progress: Callable[[str], None] | None = None, **workload_kw) -> list[Result]:
+          progress: Callable[[str], None] | None = None, on_result: Callable[[list], None] | None = None,
+          **workload_kw) -> list[Result]:
+    """Compile the launches of ``scope`` for ``archs``; ``on_result(results so far)`` after each."""
     found = discover()
     launches = record_launches(found, scope, **workload_kw)
     results: list[Result] = []
@@ -377,6 +386,8 @@ def sweep(scope: str = "ci", archs: Iterable[int] = (90, 80), kernels: Iterable[
     for i, (launch, config, arch) in enumerate(jobs, 1):
         r = compile_one(launch, config, arch)
         results.append(r)
+        if on_result:
+            on_result(results)
         if progress:
             state = "ok" if r.passed else "FAIL " + "; ".join(r.problems)
             progress(f"[{i}/{len(jobs)}] sm_{arch} {r.kernel} {r.workload} {r.config}: "
@@ -498,8 +509,12 @@ def run(args: argparse.Namespace, command: str) -> int:
         print(f"effkern doctor --compile-gpu: --arch {unknown} not in {sorted(ARCHS)}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    def partial(results):  # a sweep cut short keeps what it compiled
+        if args.out and len(results) % 10 == 0:
+            write(args.out, results, command + "  (partial)")
+
     results = sweep(args.scope, archs, args.kernels.split(",") if args.kernels else None,
-                    progress=None if args.quiet else (lambda s: print(s, flush=True)), **kw)
+                    progress=None if args.quiet else (lambda s: print(s, flush=True)), on_result=partial, **kw)
     summary = summarize(results)
     print(f"\n{'kernel':<42}{'arch':<7}{'n':>4}{'fail':>5}{'regs':>6}{'spill':>6}{'smemKiB':>9}  lowering")
     for s in summary:
