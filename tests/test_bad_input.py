@@ -385,13 +385,16 @@ CLI_CASES = [
     (["schedule", "show", "none", "--base-size", "0"], "--base-size must be >= 1"),
     (["schedule", "show", "none", "--model-arg", "depth=true"], "--model-arg depth must be an int"),
     (["schedule", "show", "bogus"], "unknown schedule"),
+    (["train", "--model-arg", "depth"], "--model-arg expects KEY=VALUE, got 'depth'"),
     (["schedule", "calibrate", "--device", "cuda:99"], "--device cuda:99"),
+    (["schedule", "calibrate", "--batch", "0"], "--batch must be >= 1"),
+    (["schedule", "calibrate", "--model-arg", "depth=yes"], "--model-arg depth must be an int"),
     (["schedule", "search", *TINY, "--checkpoints", "0.5:{tmp}/garbage.pt", "--out", "{tmp}/search"],
      "garbage.pt is not a readable effkern checkpoint"),
     (["schedule", "search", *TINY, "--checkpoints", "0.5:{tmp}/none.pt", "--out", "{tmp}/search"],
      "none.pt does not exist"),
     (["demo", "--device", "cuda:99"], "--device cuda:99"),
-    (["demo", "--budget", "-1"], "--budget must be a finite number > 0"),
+    (["demo", "--steps", "0"], "--steps must be >= 1"),
     (["demo", "--accelerated", "bogus"], "unknown schedule"),
 ]
 
