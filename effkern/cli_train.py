@@ -22,7 +22,7 @@ def _kv(items: list[str], what: str) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"effkern: {what} expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         try:
             out[key] = json.loads(value)
@@ -261,6 +261,10 @@ def schedule_main(argv: list[str]) -> int:
     if args.cmd == "calibrate":
         try:
             _check_device("--device", args.device)
+            _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(), "timm VisionTransformer")
+            for option in ("base_size", "batch", "repeat"):
+                if getattr(args, option) < 1:
+                    raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
         except ValueError as exc:
             cal.error(str(exc))
         return _calibrate(args)
