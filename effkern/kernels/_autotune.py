@@ -15,7 +15,9 @@ so a kernel file declares a *function* instead:
 
 ``arch`` is the compute capability (90 for H100/H200, 80 for A100, 89 for
 L4/4090, ...) of the launch's device and ``args`` the launch's named arguments
-(tensors, ints and constexprs such as HEAD_DIM, BLOCK_D, DOT_PREC).  The helper
+(tensors, ints and constexprs such as HEAD_DIM, BLOCK_D, DOT_PREC).  The choice may
+depend on the architecture, the keyword arguments and the tensors' dtypes only (not
+on positional integers such as a token count): it is cached per launch on those.  The helper
 keeps one real ``triton.autotune`` per distinct candidate list (so the tuning
 cache of each works as usual, keyed by ``key`` plus the argument dtypes) and
 launches through it.  Under ``TRITON_INTERPRET=1`` every kernel uses its one
@@ -42,11 +44,11 @@ def config(num_warps: int = 4, num_stages: int = 2, **blocks) -> triton.Config:
     return triton.Config(dict(blocks), num_warps=num_warps, num_stages=num_stages)
 
 
-def device_arch(args: dict) -> int:
+def device_arch(args) -> int:
     """Compute capability (major*10 + minor) of the first CUDA tensor among ``args``."""
     import torch
 
-    for value in args.values():
+    for value in args:
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(value.device)
             return 10 * major + minor
@@ -63,6 +65,7 @@ class Tuned:
         self.interpret = interpret
         self.arg_names = list(fn.arg_names)
         self._tuners: dict[tuple, object] = {}
+        self._by_launch: dict[tuple, object] = {}  # (arch, kwargs, dtypes) -> tuner
 
     def candidates(self, arch: int, args: dict) -> list:
         """The configs a launch with named ``args`` tries on compute capability ``arch``."""
@@ -90,9 +93,13 @@ class Tuned:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            named = {**dict(zip(self.arg_names, args)), **kwargs}
-            arch = 0 if triton_interpret() else device_arch(named)
-            return self.tuner(self.candidates(arch, named))[grid](*args, **kwargs)
+            arch = 0 if triton_interpret() else device_arch(args)
+            ident = (arch, tuple(kwargs.items()), tuple(getattr(a, "dtype", None) for a in args))
+            tuner = self._by_launch.get(ident)
+            if tuner is None:
+                named = {**dict(zip(self.arg_names, args)), **kwargs}
+                tuner = self._by_launch[ident] = self.tuner(self.candidates(arch, named))
+            return tuner[grid](*args, **kwargs)
 
         return launch
 
