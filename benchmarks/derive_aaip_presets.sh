@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# Derive the shipped aaip-* presets (effkern/schedules/aaip/*.json) with `effkern schedule search`
-# on Fashion-MNIST at the reproduction study's CPU setting (benchmarks/reproduce.py --quick).
-# Procedure: a baseline reference run of 1 epoch-equivalent, checkpointed at 0/25/50/75/100 % of its
-# budget; at each checkpoint the CA-MSE of patch {4, 8} x keep {1, .75, .5, .25} (one keep for all
-# branches) from 3 minibatches x 2 draws; n = 1 (variance of one baseline step at equal compute);
-# the monotone-decompression rule of docs/schedules_search.md.  ~2-5 min per method on 2 cores.
+# Derive the aaip-* presets (effkern/schedules/aaip/*.json) with `effkern schedule search` on the
+# small-scale study's setting (benchmarks/study.py): Fashion-MNIST, all 60k training images at 28 px,
+# the small-image model preset (patch 4, 4 blocks, width 128), the study's heads, batch 128, the default
+# sqrt LR rule.  Procedure: a baseline reference run of 1 epoch-equivalent, checkpointed at
+# 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 8} x keep {1, .75, .5, .25}
+# (one keep for all branches) from N_BATCHES minibatches x REPEATS draws; CA-MSE = bias^2 + cost * Var / n
+# for each n in NS (the choice flips with n at small sample sizes: report the heatmaps for every n);
+# the monotone-decompression rule of docs/schedules_search.md.  The preset copied into the package is
+# the one for COPY_N.  Roughly 20-40 min per method on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EFFKERN=${EFFKERN:-.venv/bin/effkern}
+N_BATCHES=${N_BATCHES:-8}
+REPEATS=${REPEATS:-4}
+NS=${NS:-1 4 16}
+COPY_N=${COPY_N:-4}
 for m in ${METHODS:-mocov3 simclr dino}; do
   case $m in
-    mocov3) MA=(--method-arg mlp_dim=256 --method-arg out_dim=64) ;;
-    simclr) MA=(--method-arg hidden_dim=256 --method-arg out_dim=64) ;;
-    dino) MA=(--method-arg out_dim=1024 --method-arg hidden_dim=256 --method-arg bottleneck_dim=64 --method-arg n_local=4) ;;
+    mocov3) MA=(--method-arg mlp_dim=512 --method-arg out_dim=128) ;;
+    simclr) MA=(--method-arg hidden_dim=512 --method-arg out_dim=128) ;;
+    dino) MA=(--method-arg out_dim=4096 --method-arg hidden_dim=512 --method-arg bottleneck_dim=128 --method-arg n_local=4) ;;
   esac
-  "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 32 --limit-train 4000 --limit-test 1000 \
-    --batch-size 128 --lr 1.5e-3 --epochs-equivalent 1 --model-arg depth=2 --model-arg patch_size=4 \
-    --model-arg embed_dim=96 --model-arg num_heads=3 "${MA[@]}" --checkpoints 0,0.25,0.5,0.75,1 \
-    --patch-sizes 4 8 --keeps 1 0.75 0.5 0.25 --n-batches 3 --repeats 2 --n 1 --out "runs/search/$m"
-  cp "runs/search/$m/schedule.json" "effkern/schedules/aaip/aaip-$m.json"
+  for n in $NS; do
+    out="runs/search/$m"
+    ckpts=0,0.25,0.5,0.75,1
+    if [ -f "$out/reference/checkpoint_p1.pt" ]; then  # later n: reuse the reference run's checkpoints
+      ckpts="0,0.25:$out/reference/checkpoint_p0.25.pt,0.5:$out/reference/checkpoint_p0.5.pt"
+      ckpts="$ckpts,0.75:$out/reference/checkpoint_p0.75.pt,1:$out/reference/checkpoint_p1.pt"
+    fi
+    "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size 128 \
+      --epochs-equivalent 1 "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 8 --keeps 1 0.75 0.5 0.25 \
+      --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "$n" --no-progress --out "$out" --name "aaip-$m"
+    mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
+  done
+  cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"
 done

@@ -121,5 +121,32 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     report = str(tmp_path / "results.md")
     study.write_report(summary, {"mocov3": (12, 99)}, report)
     text = open(report).read()
-    assert "| mocov3 | 12 | 99 |" in text and "2.0" in text and "simclr" not in text.split("## Status")[1]
+    assert "| mocov3 | 12 | 99 |" in text and "simclr: no finished cell; nothing is shown" in text
+    assert "mocov3 const:keep=0.5 at 3.2 epochs-eq.: factor 2.0" in text
+    assert "## simclr" not in text  # no section for a method without cells
     assert math.isnan(study._stats([0.5])["std"])
+
+
+def test_interleaved_timing_alternates_runs_and_counts_the_planned_steps(tmp_path):
+    from effkern.train.config import TrainConfig
+    from effkern.train.loop import Run
+    from effkern.train.timing import interleaved_wall_clock, steps_per_stage
+
+    def run(schedule):
+        return Run(TrainConfig(method="mocov3", model_kwargs={"depth": 1, "embed_dim": 64, "num_heads": 2},
+                               method_kwargs={"mlp_dim": 32, "out_dim": 16}, data="digits", base_size=16,
+                               limit_train=128, limit_test=32, epochs_equivalent=1.0, schedule=schedule,
+                               batch_size=32, out_dir=str(tmp_path / schedule.replace(":", "_")),
+                               progress_bar=False))
+
+    runs = {"none": run("none"), "half": run("const:keep=0.5")}
+    for r in runs.values():
+        assert sum(steps_per_stage(r).values()) == r.total_steps
+    order = []
+    for name, r in runs.items():
+        step = r.train_step
+        r.train_step = lambda v, y, name=name, step=step: order.append(name) or step(v, y)
+    out = interleaved_wall_clock(runs, repeats=2, warmup=1)
+    assert order == ["none", "half"] * 3  # one step of each in turn, every round
+    assert out["none"]["steps"] == runs["none"].total_steps and out["half"]["steps"] == runs["half"].total_steps
+    assert out["half"]["steps"] > out["none"]["steps"] and out["none"]["seconds"] > 0
