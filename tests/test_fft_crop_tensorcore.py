@@ -134,6 +134,7 @@ WALKS = [
     (1, 1, 72, 150, 40, 130, torch.float32, False, False),
     (1, 1, 72, 150, 40, 130, torch.float32, True, False),
     (1, 2, 31, 37, 16, 20, torch.uint8, False, False),
+    (1, 2, 31, 37, 16, 20, torch.uint8, True, False),
     (2, 1, 33, 70, 17, 66, torch.float16, False, False),
     (1, 2, 40, 36, 20, 18, torch.bfloat16, False, False),
     (1, 2, 30, 34, 16, 20, torch.float32, False, True),
@@ -195,7 +196,7 @@ def test_cuda_kernels_compile_onto_tensor_cores_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
     tc = [r for r in rows if r["source"] == "fft_crop_tc_kernel.cu"]
-    # 6 instantiations (fp32 1/3 passes, uint8 1/3 passes, fp16, bf16) per architecture
+    # 6 instantiations (fp32 1/3 TF32 passes, uint8 fp16-split/1 TF32 pass, fp16, bf16) per architecture
     assert sorted({r["arch"] for r in tc}) == [80, 90] and len(tc) == 12
     assert all(r["hmma"] > 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in tc)
     # __launch_bounds__(256, 2): two blocks per SM need <= 128 registers
@@ -252,6 +253,7 @@ def test_cuda_large_call_falls_back_and_uint8_fuses():
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     y = fft_crop(xu.cuda(), (160, 160), mean.cuda(), std.cuda()).cpu()
     assert rel_err(y, fft_crop_oracle(xu, (160, 160), mean, std)) < 1e-5
+    assert rel_err(y[:1], fft_crop_tensorcore(xu[:1], (160, 160), mean, std)) < 1e-6
 
 
 @requires_cuda

@@ -19,7 +19,7 @@
 
 #include <map>
 #include <mutex>
-#include <utility>
+#include <tuple>
 
 #include "cuda/fft_crop_kernel.h"
 #include "cuda/fft_crop_tc_kernel.h"
@@ -63,15 +63,19 @@ at::ScalarType to_scalar_type(DType t) {
 
 // A cached plan matrix (fp32, lives as long as the process) in another dtype, cached
 // by the fp32 tensor's address: the tensor-core kernel's half-precision operands.
-const at::Tensor& matrix_as(const at::Tensor& L, at::ScalarType dtype) {
-  if (L.scalar_type() == dtype) return L;
+// low = true: the rounding remainder instead, dtype(L - dtype(L)) (L - dtype(L) is
+// exact in fp32).
+const at::Tensor& matrix_as(const at::Tensor& L, at::ScalarType dtype, bool low = false) {
+  if (L.scalar_type() == dtype && !low) return L;
   static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, at::Tensor> cache;
+  static std::map<std::tuple<const void*, int, bool>, at::Tensor> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  const std::pair<const void*, int> key{L.data_ptr(), static_cast<int>(dtype)};
+  const std::tuple<const void*, int, bool> key{L.data_ptr(), static_cast<int>(dtype), low};
   auto it = cache.find(key);
   if (it == cache.end()) {
-    it = cache.emplace(key, L.to(dtype).contiguous()).first;
+    at::Tensor hi = L.to(dtype);
+    at::Tensor m = low ? at::sub(L, hi.to(L.scalar_type())).to(dtype) : hi;
+    it = cache.emplace(key, m.contiguous()).first;
     // Once per matrix: the copy ran on this stream; other streams may read it next.
     at::cuda::getCurrentCUDAStream().synchronize();
   }
@@ -88,12 +92,18 @@ bool launch_fused(const CropCall& call, at::Tensor& out, cudaStream_t stream) {
   args.y = out.data_ptr();
   args.in_dtype = to_dtype(x.scalar_type());
   args.out_dtype = to_dtype(call.out_dtype);
+  // torch's CUDA matmul precision "tf32" (torch.backends.cuda.matmul.fp32_precision, also
+  // set by allow_tf32 = True or set_float32_matmul_precision("high")): one TF32 pass;
+  // otherwise float32 accuracy (split operands).  Not allowTF32CuBLAS(): it throws when
+  // the legacy and the new API were both used.
+  args.tf32_single_pass = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+                          at::Float32Precision::TF32;
   DType lh_dtype, lw_dtype;
-  fft_crop_tc_matrix_dtypes(args.in_dtype, &lh_dtype, &lw_dtype);
-  const at::Tensor& lh = matrix_as(rows.L, to_scalar_type(lh_dtype));
-  const at::Tensor& lw = matrix_as(cols.L, to_scalar_type(lw_dtype));
-  args.Lh = lh.data_ptr();
-  args.Lw = lw.data_ptr();
+  bool lw_split = false;
+  fft_crop_tc_matrix_dtypes(args.in_dtype, args.tf32_single_pass, &lh_dtype, &lw_dtype, &lw_split);
+  args.Lh = matrix_as(rows.L, to_scalar_type(lh_dtype)).data_ptr();
+  args.Lw = matrix_as(cols.L, to_scalar_type(lw_dtype)).data_ptr();
+  args.Lw_lo = lw_split ? matrix_as(cols.L, to_scalar_type(lw_dtype), true).data_ptr() : nullptr;
   if (rank_one) {
     args.lu_h = rows.lu.data_ptr<float>();
     args.lv_h = rows.lv.data_ptr<float>();
@@ -108,12 +118,6 @@ bool launch_fused(const CropCall& call, at::Tensor& out, cudaStream_t stream) {
   args.Wi = x.size(3);
   args.Ho = call.Ho;
   args.Wo = call.Wo;
-  // torch's CUDA matmul precision "tf32" (torch.backends.cuda.matmul.fp32_precision, also
-  // set by allow_tf32 = True or set_float32_matmul_precision("high")): one TF32 pass;
-  // otherwise three (float32 accuracy).  Not allowTF32CuBLAS(): it throws when the
-  // legacy and the new API were both used.
-  args.tf32_single_pass = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-                          at::Float32Precision::TF32;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const size_t smem = fft_crop_tc_smem_bytes(args);
   if (prop->major < 8 || smem == 0 || smem > prop->sharedMemPerBlockOptin) return false;

@@ -24,12 +24,15 @@
 //
 // Precision (each tensor-core instruction: acc = fp32(acc + dot of exact products);
 // a TF32 m16n16k8 wmma step is two k = 4 instructions, an fp16/bf16 step one k = 16).
-//   fp32 / uint8 input: TF32 m16n16k8.  By default three passes per product on
-//     split operands a = a_hi + a_lo (both rounded to tf32 with cvt.rna):
+//   fp32 input: TF32 m16n16k8.  By default three passes per product on split
+//     operands a = a_hi + a_lo (both rounded to tf32 with cvt.rna):
 //     acc += a_lo b_hi; acc += a_hi b_lo; acc += a_hi b_hi  -- float32-level error
-//     (the a_lo b_lo term is below fp32 rounding).  uint8 values are exact in tf32,
-//     so stage 1 skips the a_lo pass for them.  When torch's CUDA matmul precision
+//     (the a_lo b_lo term is below fp32 rounding).  When torch's CUDA matmul precision
 //     is "tf32" (torch.backends.cuda.matmul.fp32_precision) one pass: ~4e-4 relative.
+//   uint8 input (fp32 output): x is exact in fp16, so stage 1 runs on fp16
+//     m16n16k16 with Lw split by the caller into fp16(Lw) + fp16(Lw - fp16(Lw)):
+//     acc += x Lw_lo; acc += x Lw_hi (two fp16 passes cost one TF32 pass; ~8e-7
+//     relative); stage 2 as for fp32.  With the "tf32" precision one TF32 pass each.
 //   fp16 / bf16 input: m16n16k16 in the input dtype for stage 1 (X exact, Lw rounded
 //     to the input dtype), bf16 for stage 2 (T and Lh rounded to bf16: bf16 has
 //     fp32's range, so T cannot overflow for finite fp16 input); fp32 accumulation.
@@ -50,9 +53,9 @@
 // folding the even/odd halves of the crop matrices, which halves the multiply-adds)
 // would pay off first.
 //
-// Occupancy: __launch_bounds__(256, 2) keeps it at <= 128 registers (122-126, no
+// Occupancy: __launch_bounds__(256, 2) keeps it at <= 128 registers (122-128, no
 // spills, sm_80 and sm_90); shared memory per block at Hi = Ho = 224 is 108 KB
-// (fp32/uint8) or 62 KB (half), so 2 blocks (16 warps) per H100/H200 SM.
+// (fp32), 100 KB (uint8) or 62 KB (half), so 2 blocks (16 warps) per H100/H200 SM.
 //
 // Expected speed (an estimate -- NOT yet run on a GPU; docs/ops.md has the table).
 // (256, 3, 224, 224) -> 160 moves 233 MB (fp32) or 117 MB (bf16, uint8 -> fp32):
@@ -60,12 +63,12 @@
 // 21 GFLOP, at an assumed ~330 (TF32) / ~660 (bf16) TFLOP/s for mma.sync-class
 // code on either chip: bf16 and one-pass TF32 sit at the roofline's ridge (expect
 // 40-55 % of HBM bandwidth on H100, 30-45 % on H200), the float32-accurate three
-// passes (63 GFLOP, uint8 51) are math-bound (fp32 ~25-30 % on H100, ~20 % on
-// H200; uint8 ~20 / ~15 %).  Below the roofline because every 64-column block
+// passes (63 GFLOP) are math-bound (fp32 ~25-30 % on H100, ~20 % on H200), and so
+// is uint8 with its fp16-split stage 1 (~25 / ~18 %).  Below the roofline because every 64-column block
 // re-reads X and Lh from L2 (L2 -> SM traffic ~4-6x the HBM traffic) and X is
 // staged synchronously (no cp.async pipeline).  Next steps, largest first: fold the
-// even/odd halves of the crop matrices (half the multiply-adds), fp16 two-pass
-// stage 1 for uint8, wider blocks, cp.async/TMA, wgmma.
+// even/odd halves of the crop matrices (half the multiply-adds), wider blocks,
+// cp.async/TMA, wgmma.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -161,11 +164,13 @@ using AccOf = wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float>;
 
 // acc[j][f] += A[rows of tile warp+8j][kBK] . B[kBK][cols 16f..16f+15] for one staged K tile.
 // A is row-major (lda); B is col-major (element (k, n) at n*ldb + k) or row-major
-// (k*ldb + n).  kPasses = 3: split-TF32 products; kAExact: A is exact in the operand
-// type (its lo part is zero) so that pass is skipped.
-template <typename Op, typename LayoutB, int kPasses, bool kAExact>
+// (k*ldb + n).  kPasses = 1: one product (TF32 operands rounded); 3: split-TF32
+// products acc += a_lo b_hi; acc += a_hi b_lo; acc += a_hi b_hi; 2: B arrives split in
+// two staged tiles (Bs = hi, Bs_lo = lo, same layout): acc += a b_lo; acc += a b_hi.
+template <typename Op, typename LayoutB, int kPasses>
 __device__ __forceinline__ void warp_mma(AccOf<Op> (&acc)[2][4], const typename Op::elem* As, int lda,
-                                         const typename Op::elem* Bs, int ldb, int warp, int row_tiles, int col_frags) {
+                                         const typename Op::elem* Bs, const typename Op::elem* Bs_lo, int ldb,
+                                         int warp, int row_tiles, int col_frags) {
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::frag, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::frag, LayoutB>;
   constexpr bool kColB = std::is_same_v<LayoutB, wmma::col_major>;
@@ -178,20 +183,25 @@ __device__ __forceinline__ void warp_mma(AccOf<Op> (&acc)[2][4], const typename 
       FragA a_hi, a_lo;
       wmma::load_matrix_sync(a_hi, As + rt * 16 * lda + kk, lda);
       if constexpr (std::is_same_v<Op, Tf32Op>) {
-        if constexpr (kPasses == 3 && !kAExact) split_tf32(a_hi, a_lo);
+        if constexpr (kPasses == 3) split_tf32(a_hi, a_lo);
         else round_tf32(a_hi);
       }
 #pragma unroll
       for (int f = 0; f < 4; ++f) {
         if (f >= col_frags) continue;
         FragB b_hi, b_lo;
-        wmma::load_matrix_sync(b_hi, kColB ? Bs + f * 16 * ldb + kk : Bs + kk * ldb + f * 16, ldb);
+        const int b_off = kColB ? f * 16 * ldb + kk : kk * ldb + f * 16;
+        wmma::load_matrix_sync(b_hi, Bs + b_off, ldb);
         if constexpr (std::is_same_v<Op, Tf32Op>) {
           if constexpr (kPasses == 3) split_tf32(b_hi, b_lo);
           else round_tf32(b_hi);
         }
+        if constexpr (kPasses == 2) {
+          wmma::load_matrix_sync(b_lo, Bs_lo + b_off, ldb);
+          wmma::mma_sync(acc[j][f], a_hi, b_lo, acc[j][f]);
+        }
         if constexpr (kPasses == 3) {
-          if constexpr (!kAExact) wmma::mma_sync(acc[j][f], a_lo, b_hi, acc[j][f]);
+          wmma::mma_sync(acc[j][f], a_lo, b_hi, acc[j][f]);
           wmma::mma_sync(acc[j][f], a_hi, b_lo, acc[j][f]);
         }
         wmma::mma_sync(acc[j][f], a_hi, b_hi, acc[j][f]);
@@ -201,7 +211,7 @@ __device__ __forceinline__ void warp_mma(AccOf<Op> (&acc)[2][4], const typename 
 }
 
 // Shared-memory layout of one block, in bytes (host and device agree on it).
-template <typename Op1, typename Op2>
+template <typename Op1, typename Op2, bool kSplitB>
 struct Layout {
   int64_t rows1;  // Hi rounded up to kBK: stage-1 rows and stage-2 K extent
   int64_t rows2;  // Ho rounded up to 16
@@ -212,25 +222,27 @@ struct Layout {
     const size_t a2 = size_t(rows2) * kLda2 * sizeof(typename Op2::elem);
     a_off = 0;
     b_off = align128(a1 > a2 ? a1 : a2);
-    t_off = b_off + align128(size_t(kBN) * kLda1 * sizeof(typename Op1::elem));
+    t_off = b_off + align128(size_t(kSplitB ? 2 : 1) * kBN * kLda1 * sizeof(typename Op1::elem));
     scratch_off = t_off + align128(size_t(rows1) * kLdt * sizeof(typename Op2::elem));
     red_off = scratch_off + align128(size_t(kWarps) * 16 * 16 * sizeof(float));
     total = red_off + align128(kWarps * sizeof(float));
   }
 };
 
-template <typename In, typename Out, typename Op1, typename Op2, int kPasses>
+template <typename In, typename Out, typename Op1, int kPasses1, typename Op2, int kPasses2>
 __global__ void __launch_bounds__(kThreads, 2) fft_crop_tc_kernel(FftCropTcArgs p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using E1 = typename Op1::elem;
   using E2 = typename Op2::elem;
-  constexpr bool kXExact = std::is_same_v<In, uint8_t>;
+  constexpr bool kSplitB = kPasses1 == 2;
+  using Lay = Layout<Op1, Op2, kSplitB>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const Layout<Op1, Op2> lay(p.Hi, p.Ho);
-  constexpr int kLda1 = Layout<Op1, Op2>::kLda1, kLda2 = Layout<Op1, Op2>::kLda2, kLdt = Layout<Op1, Op2>::kLdt;
+  const Lay lay(p.Hi, p.Ho);
+  constexpr int kLda1 = Lay::kLda1, kLda2 = Lay::kLda2, kLdt = Lay::kLdt;
   E1* a1 = reinterpret_cast<E1*>(smem + lay.a_off);
   E2* a2 = reinterpret_cast<E2*>(smem + lay.a_off);
   E1* bw = reinterpret_cast<E1*>(smem + lay.b_off);
+  E1* bw_lo = bw + kBN * kLda1;  // used only with kSplitB
   E2* t = reinterpret_cast<E2*>(smem + lay.t_off);
   float* scratch = reinterpret_cast<float*>(smem + lay.scratch_off) + (threadIdx.x / 32) * 256;
   float* red = reinterpret_cast<float*>(smem + lay.red_off);
@@ -260,8 +272,12 @@ __global__ void __launch_bounds__(kThreads, 2) fft_crop_tc_kernel(FftCropTcArgs 
                  p.lv_w, rank_acc);
       stage_tile(bw, kLda1, static_cast<const E1*>(p.Lw) + n0 * p.Wi, p.Wi, cols_valid, kBN, k0, p.Wi, nullptr,
                  nullptr, rank_acc);
+      if constexpr (kSplitB) {
+        stage_tile(bw_lo, kLda1, static_cast<const E1*>(p.Lw_lo) + n0 * p.Wi, p.Wi, cols_valid, kBN, k0, p.Wi,
+                   nullptr, nullptr, rank_acc);
+      }
       __syncthreads();
-      warp_mma<Op1, wmma::col_major, kPasses, kXExact>(acc1, a1, kLda1, bw, kLda1, warp, row_tiles1, col_frags);
+      warp_mma<Op1, wmma::col_major, kPasses1>(acc1, a1, kLda1, bw, bw_lo, kLda1, warp, row_tiles1, col_frags);
     }
     // T to shared memory in the stage-2 operand type.
 #pragma unroll
@@ -306,8 +322,8 @@ __global__ void __launch_bounds__(kThreads, 2) fft_crop_tc_kernel(FftCropTcArgs 
       stage_tile(a2, kLda2, static_cast<const E2*>(p.Lh), p.Hi, static_cast<int>(p.Ho), rows2, k0, p.Hi, nullptr,
                  nullptr, rank_acc);
       __syncthreads();
-      warp_mma<Op2, wmma::row_major, kPasses, false>(acc2, a2, kLda2, t + k0 * kLdt, kLdt, warp, row_tiles2,
-                                                    col_frags);
+      warp_mma<Op2, wmma::row_major, kPasses2>(acc2, a2, kLda2, t + k0 * kLdt, nullptr, kLdt, warp, row_tiles2,
+                                              col_frags);
     }
     // Epilogue: rank-one correction, affine, cast; Y rows are Ho, columns n0 + (0..63).
     const int64_t c = s % p.channels;
@@ -336,9 +352,9 @@ __global__ void __launch_bounds__(kThreads, 2) fft_crop_tc_kernel(FftCropTcArgs 
 #endif
 }
 
-template <typename In, typename Out, typename Op1, typename Op2, int kPasses>
+template <typename In, typename Out, typename Op1, int kPasses1, typename Op2, int kPasses2>
 cudaError_t launch(const FftCropTcArgs& p, size_t smem, cudaStream_t stream) {
-  auto kernel = fft_crop_tc_kernel<In, Out, Op1, Op2, kPasses>;
+  auto kernel = fft_crop_tc_kernel<In, Out, Op1, kPasses1, Op2, kPasses2>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.Wo + kBN - 1) / kBN),
@@ -359,19 +375,22 @@ bool supported_pair(DType in, DType out) {
 
 }  // namespace
 
-void fft_crop_tc_matrix_dtypes(DType in, DType* lh, DType* lw) {
+void fft_crop_tc_matrix_dtypes(DType in, bool tf32_single_pass, DType* lh, DType* lw, bool* lw_split) {
   const bool half = in == DType::kFloat16 || in == DType::kBFloat16;
+  *lw_split = in == DType::kUInt8 && !tf32_single_pass;
   *lh = half ? DType::kBFloat16 : DType::kFloat32;
-  *lw = half ? in : DType::kFloat32;
+  *lw = half ? in : (*lw_split ? DType::kFloat16 : DType::kFloat32);
 }
 
 size_t fft_crop_tc_smem_bytes(const FftCropTcArgs& p) {
   if (p.Hi < 1 || p.Ho < 1 || p.Hi > kMaxRows || p.Ho > kMaxRows || !supported_pair(p.in_dtype, p.out_dtype)) return 0;
   switch (p.in_dtype) {
-    case DType::kFloat32:
-    case DType::kUInt8: return Layout<Tf32Op, Tf32Op>(p.Hi, p.Ho).total;
-    case DType::kFloat16: return Layout<HalfOp<__half>, HalfOp<__nv_bfloat16>>(p.Hi, p.Ho).total;
-    case DType::kBFloat16: return Layout<HalfOp<__nv_bfloat16>, HalfOp<__nv_bfloat16>>(p.Hi, p.Ho).total;
+    case DType::kFloat32: return Layout<Tf32Op, Tf32Op, false>(p.Hi, p.Ho).total;
+    case DType::kUInt8:
+      return p.tf32_single_pass ? Layout<Tf32Op, Tf32Op, false>(p.Hi, p.Ho).total
+                                : Layout<HalfOp<__half>, Tf32Op, true>(p.Hi, p.Ho).total;
+    case DType::kFloat16: return Layout<HalfOp<__half>, HalfOp<__nv_bfloat16>, false>(p.Hi, p.Ho).total;
+    case DType::kBFloat16: return Layout<HalfOp<__nv_bfloat16>, HalfOp<__nv_bfloat16>, false>(p.Hi, p.Ho).total;
   }
   return 0;
 }
@@ -383,13 +402,14 @@ cudaError_t launch_fft_crop_tc(const FftCropTcArgs& p, cudaStream_t stream) {
   using Bf16 = HalfOp<__nv_bfloat16>;
   switch (p.in_dtype) {
     case DType::kFloat32:
-      return p.tf32_single_pass ? launch<float, float, Tf32Op, Tf32Op, 1>(p, smem, stream)
-                                : launch<float, float, Tf32Op, Tf32Op, 3>(p, smem, stream);
-    case DType::kUInt8:
-      return p.tf32_single_pass ? launch<uint8_t, float, Tf32Op, Tf32Op, 1>(p, smem, stream)
-                                : launch<uint8_t, float, Tf32Op, Tf32Op, 3>(p, smem, stream);
-    case DType::kFloat16: return launch<__half, __half, HalfOp<__half>, Bf16, 1>(p, smem, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16, __nv_bfloat16, Bf16, Bf16, 1>(p, smem, stream);
+      return p.tf32_single_pass ? launch<float, float, Tf32Op, 1, Tf32Op, 1>(p, smem, stream)
+                                : launch<float, float, Tf32Op, 3, Tf32Op, 3>(p, smem, stream);
+    case DType::kUInt8:  // float32 accuracy: stage 1 on fp16 (x exact, Lw split hi + lo), stage 2 three TF32 passes
+      if (p.Lw_lo == nullptr && !p.tf32_single_pass) return cudaErrorInvalidValue;
+      return p.tf32_single_pass ? launch<uint8_t, float, Tf32Op, 1, Tf32Op, 1>(p, smem, stream)
+                                : launch<uint8_t, float, HalfOp<__half>, 2, Tf32Op, 3>(p, smem, stream);
+    case DType::kFloat16: return launch<__half, __half, HalfOp<__half>, 1, Bf16, 1>(p, smem, stream);
+    case DType::kBFloat16: return launch<__nv_bfloat16, __nv_bfloat16, Bf16, 1, Bf16, 1>(p, smem, stream);
   }
   return cudaErrorInvalidValue;
 }

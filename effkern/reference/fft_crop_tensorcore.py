@@ -17,10 +17,13 @@ numerics the GPU will produce:
   operands are exact in float64);
 - operand rounding: TF32 with cvt.rna (round to nearest, ties away from zero),
   fp16/bf16 round to nearest even;
-- fp32 / uint8 input, three passes per k-step in the kernel's order on split
-  operands a = a_hi + a_lo: acc += a_lo b_hi; acc += a_hi b_lo; acc += a_hi b_hi
-  (uint8 is exact in tf32, so its a_lo pass is skipped), or one pass of a_hi b_hi
-  when torch's CUDA matmul precision is "tf32" (``tf32_single_pass=True``);
+- fp32 input, three passes per k-step in the kernel's order on split operands
+  a = a_hi + a_lo: acc += a_lo b_hi; acc += a_hi b_lo; acc += a_hi b_hi, or one
+  pass of a_hi b_hi when torch's CUDA matmul precision is "tf32"
+  (``tf32_single_pass=True``);
+- uint8 input: x is exact in fp16, so stage 1 runs on fp16 m16n16k16 with Lw split
+  into fp16(Lw) + fp16(Lw - fp16(Lw)): acc += x Lw_lo; acc += x Lw_hi; stage 2
+  as fp32 (three TF32 passes); with ``tf32_single_pass`` both stages one TF32 pass;
 - fp16 / bf16 input: stage 1 in the input dtype (x exact, Lw rounded), T rounded
   to bf16, stage 2 in bf16 (Lh rounded);
 - the epilogue in fp32: y = (acc - lu_h[i] s lu_w[j]) * scale[c] + shift[c], then
@@ -90,19 +93,28 @@ def _mma_chain(a_passes, b_passes, k_step: int, k_instr: int, acc=None) -> torch
 
 # wmma k-step and the k of one SASS instruction: a TF32 m16n16k8 wmma is two
 # HMMA.1684 (k = 4) per 16x8 half, an fp16/bf16 m16n16k16 one HMMA.16816 per half.
-_K = {"tf32": (8, 4), "fp16": (16, 16), "bf16": (16, 16)}
+_K = {"tf32": (8, 4), "fp16": (16, 16), "bf16": (16, 16), "fp16split": (16, 16)}
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, op: str, single_pass: bool, a_exact: bool = False) -> torch.Tensor:
-    """a @ b as the kernel's mma chain (a is its matrix_a operand); op is 'tf32', 'fp16' or 'bf16'."""
+def _split_fp16(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 b -> (fp16(b), fp16(b - fp16(b))) as float (the subtraction is exact in fp32)."""
+    hi = b.to(torch.float16).float()
+    return hi, (b - hi).to(torch.float16).float()
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, op: str, single_pass: bool) -> torch.Tensor:
+    """a @ b as the kernel's mma chain (a is its matrix_a operand); op is 'tf32', 'fp16', 'bf16' or
+    'fp16split' (a exact in fp16, b split into two fp16 parts: acc += a b_lo; acc += a b_hi)."""
     k_step, k_instr = _K[op]
+    if op == "fp16split":
+        a16 = a.to(torch.float16).float()
+        b_hi, b_lo = _split_fp16(b)
+        return _mma_chain([a16, a16], [b_lo, b_hi], k_step, k_instr)
     if op == "tf32":
         if single_pass:
             return _mma_chain([round_tf32(a)], [round_tf32(b)], k_step, k_instr)
         a_hi, a_lo = _split_tf32(a)
         b_hi, b_lo = _split_tf32(b)
-        if a_exact:  # a_lo == 0: the kernel skips that pass
-            return _mma_chain([a_hi, a_hi], [b_lo, b_hi], k_step, k_instr)
         return _mma_chain([a_lo, a_hi, a_hi], [b_hi, b_lo, b_hi], k_step, k_instr)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[op]
     return _mma_chain([a.to(dtype).float()], [b.to(dtype).float()], k_step, k_instr)
@@ -194,12 +206,14 @@ def apply_tensorcore(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch
         raise ValueError(f"x: H={hi} and output height {ho} must be <= {FUSED_MAX_ROWS} for the fused kernel")
     if x.dtype in (torch.float16, torch.bfloat16):
         op1, op2 = ("fp16" if x.dtype == torch.float16 else "bf16"), "bf16"
-    elif x.dtype in (torch.float32, torch.uint8):
+    elif x.dtype == torch.float32 or (x.dtype == torch.uint8 and tf32_single_pass):
         op1 = op2 = "tf32"
+    elif x.dtype == torch.uint8:  # x exact in fp16: stage 1 as two fp16 passes on the split Lw
+        op1, op2 = "fp16split", "tf32"
     else:
         raise TypeError(f"x: the tensor-core kernel takes float32/float16/bfloat16/uint8, got {x.dtype}")
     xs = x.reshape(n * c, hi, wi).float()  # exact widening of every input dtype
-    t = _product(xs, Lw.T, op1, tf32_single_pass, a_exact=x.dtype == torch.uint8)
+    t = _product(xs, Lw.T, op1, tf32_single_pass)
     if op2 == "bf16":
         t = t.to(torch.bfloat16).float()  # T is staged in shared memory as bf16
     y = _product(Lh, t, op2, tf32_single_pass)  # stage 2: matrix_a = Lh (all slices), matrix_b = T
@@ -240,7 +254,7 @@ def _operand(op: str):
     """(k of one wmma step, k of one instruction, row padding of the staged tiles, rounding of a staged value)."""
     if op == "tf32":
         return 8, 4, 4, lambda t: t  # staged as fp32; rounded/split when a fragment is loaded
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[op]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp16split": torch.float16}[op]
     return 16, 16, 8, lambda t: t.to(dtype).float()
 
 
@@ -257,28 +271,30 @@ def kernel_walk(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch.dtyp
     if Hi > FUSED_MAX_ROWS or Ho > FUSED_MAX_ROWS:
         raise ValueError(f"x: H={Hi} and output height {Ho} must be <= {FUSED_MAX_ROWS} for the fused kernel")
     half = x.dtype in (torch.float16, torch.bfloat16)
-    op1 = ("fp16" if x.dtype == torch.float16 else "bf16") if half else "tf32"
+    split_b = x.dtype == torch.uint8 and not tf32_single_pass
+    op1 = ("fp16" if x.dtype == torch.float16 else "bf16") if half else ("fp16split" if split_b else "tf32")
     op2 = "bf16" if half else "tf32"
     k1, ki1, pad1, conv1 = _operand(op1)
     k2, ki2, pad2, conv2 = _operand(op2)
-    passes = 1 if (half or tf32_single_pass) else 3
-    x_exact = x.dtype == torch.uint8
+    passes1 = 1 if (half or tf32_single_pass) else (2 if split_b else 3)
+    passes2 = 1 if (half or tf32_single_pass) else 3
     lda1, lda2, ldt = _BK + pad1, _BK + pad2, _BN + pad2
     rows1, rows2 = -(-Hi // _BK) * _BK, -(-Ho // 16) * 16
     row_tiles1, row_tiles2 = rows1 // 16, rows2 // 16
     slices = n * c
     xs = x.reshape(slices, Hi, Wi).float()
     lw_src, lh_src = conv1(Lw), conv2(Lh)  # the caller passes the matrices in the operand types
+    lw_lo_src = _split_fp16(Lw)[1] if split_b else None
     rank_one = lu_h is not None and lu_w is not None
     y = torch.full((slices, Ho, Wo), float("nan"))
     ranks = torch.full((slices,), float("nan"))
 
-    def stage(buf, ld, src, rows_valid, rows_pad, col0, cols_valid, conv):
-        """stage_tile: buf[r * ld + c] = conv(src[r, col0 + c]) or 0, r < rows_pad, c < 32."""
+    def stage(buf, ld, src, rows_valid, rows_pad, col0, cols_valid, conv, offset=0):
+        """stage_tile: buf[offset + r * ld + c] = conv(src[r, col0 + c]) or 0, r < rows_pad, c < 32."""
         tile = torch.zeros(rows_pad, _BK)
         w = max(0, min(_BK, cols_valid - col0))
         tile[:rows_valid, :w] = src[:rows_valid, col0:col0 + w]
-        buf.as_strided((rows_pad, _BK), (ld, 1), 0).copy_(conv(tile))
+        buf.as_strided((rows_pad, _BK), (ld, 1), offset).copy_(conv(tile))
         return tile
 
     def load(buf, offset, shape, strides, op, split):
@@ -288,26 +304,27 @@ def kernel_walk(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch.dtyp
             return [f]
         return list(_split_tf32(f)) if split else [round_tf32(f)]
 
-    def warp_mma(acc, a, lda, b, b_off, ldb, col_major, op, k_step, k_instr, a_exact, row_tiles, col_frags):
+    def warp_mma(acc, a, lda, b, b_off, b_lo_off, ldb, col_major, op, passes, k_step, k_instr, row_tiles, col_frags):
         for warp in range(_WARPS):
             for kk in range(0, _BK, k_step):
                 for j in range(2):
                     rt = warp + _WARPS * j
                     if rt >= row_tiles:
                         continue
-                    a_f = load(a, rt * 16 * lda + kk, (16, k_step), (lda, 1), op, passes == 3 and not a_exact)
+                    a_f = load(a, rt * 16 * lda + kk, (16, k_step), (lda, 1), op, passes == 3)
                     for f in range(4):
                         if f >= col_frags:
                             continue
                         if col_major:  # element (k, n) at n * ldb + k
-                            b_f = load(b, b_off + f * 16 * ldb + kk, (k_step, 16), (1, ldb), op, passes == 3)
+                            rel, shape, strides = f * 16 * ldb + kk, (k_step, 16), (1, ldb)
                         else:  # element (k, n) at k * ldb + n
-                            b_f = load(b, b_off + kk * ldb + f * 16, (k_step, 16), (ldb, 1), op, passes == 3)
-                        if passes == 3:
-                            a_hi, a_lo = (a_f[0], None) if a_exact else a_f
-                            b_hi, b_lo = b_f
-                            pa = ([] if a_exact else [a_lo]) + [a_hi, a_hi]
-                            pb = ([] if a_exact else [b_hi]) + [b_lo, b_hi]
+                            rel, shape, strides = kk * ldb + f * 16, (k_step, 16), (ldb, 1)
+                        b_f = load(b, b_off + rel, shape, strides, op, passes == 3)
+                        if passes == 2:  # B staged split: lo tile at b_lo_off, same layout
+                            pa, pb = [a_f[0], a_f[0]], [load(b, b_lo_off + rel, shape, strides, op, False)[0], b_f[0]]
+                        elif passes == 3:
+                            (a_hi, a_lo), (b_hi, b_lo) = a_f, b_f
+                            pa, pb = [a_lo, a_hi, a_hi], [b_hi, b_lo, b_hi]
                         else:
                             pa, pb = a_f[:1], b_f[:1]
                         acc[(warp, j, f)] = _mma_chain(pa, pb, k_step, k_instr, acc[(warp, j, f)])
@@ -318,7 +335,7 @@ def kernel_walk(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch.dtyp
         col_frags = -(-cols_valid // 16)
         # shared memory of this block, never cleared between slices (as on the GPU)
         smem_a = torch.full((max(rows1 * lda1, rows2 * lda2),), float("nan"))
-        smem_b = torch.full((_BN * lda1,), float("nan"))
+        smem_b = torch.full(((2 if split_b else 1) * _BN * lda1,), float("nan"))  # hi tile, then lo tile
         smem_t = torch.full((rows1 * ldt,), float("nan"))
         for s in range(slices):
             acc1 = {(w, j, f): torch.zeros(16, 16) for w in range(_WARPS) for j in range(2) for f in range(4)}
@@ -331,7 +348,10 @@ def kernel_walk(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch.dtyp
                     weight[:Hi, :kw] = lv_h[:, None] * lv_w[None, k0:k0 + kw]
                     partial = _rank_one_partials(tile, weight, partial)
                 stage(smem_b, lda1, lw_src[n0:], cols_valid, _BN, k0, Wi, conv1)
-                warp_mma(acc1, smem_a, lda1, smem_b, 0, lda1, True, op1, k1, ki1, x_exact, row_tiles1, col_frags)
+                if split_b:
+                    stage(smem_b, lda1, lw_lo_src[n0:], cols_valid, _BN, k0, Wi, conv1, offset=_BN * lda1)
+                warp_mma(acc1, smem_a, lda1, smem_b, 0, _BN * lda1, lda1, True, op1, passes1, k1, ki1, row_tiles1,
+                         col_frags)
             for (w, j, f), acc in acc1.items():  # T to shared memory in the stage-2 operand type
                 rt = w + _WARPS * j
                 if rt < row_tiles1 and f < col_frags:
@@ -341,7 +361,8 @@ def kernel_walk(x: torch.Tensor, rows, cols, scale, shift, out_dtype: torch.dtyp
             acc2 = {(w, j, f): torch.zeros(16, 16) for w in range(_WARPS) for j in range(2) for f in range(4)}
             for k0 in range(0, rows1, _BK):
                 stage(smem_a, lda2, lh_src, Ho, rows2, k0, Hi, conv2)
-                warp_mma(acc2, smem_a, lda2, smem_t, k0 * ldt, ldt, False, op2, k2, ki2, False, row_tiles2, col_frags)
+                warp_mma(acc2, smem_a, lda2, smem_t, k0 * ldt, None, ldt, False, op2, passes2, k2, ki2, row_tiles2,
+                         col_frags)
             for (w, j, f), acc in acc2.items():  # epilogue: rows i = rt*16 + r, columns n0 + f*16 + cc
                 rt = w + _WARPS * j
                 if rt >= row_tiles2 or f >= col_frags:
