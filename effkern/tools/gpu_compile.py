@@ -406,7 +406,7 @@ def summarize(results: list[Result]) -> list[dict]:
         ok = [r for r in rs if r.ok]
         lowering: dict[str, int] = {}
         for r in ok:
-            kinds = sorted(set(kind for dtype, kind, _ in r.dot_detail if dtype in SIXTEEN_BIT)) or ["-"]
+            kinds = sorted(set(f"{dtype} {kind}" for dtype, kind, _ in r.dot_detail)) or ["no dot"]
             key = "+".join(kinds)
             lowering[key] = lowering.get(key, 0) + 1
         rows.append({
@@ -416,7 +416,7 @@ def summarize(results: list[Result]) -> list[dict]:
             "spilling": sum(bool(r.spill_bytes) for r in ok),
             "max_spill_bytes": max((r.spill_bytes or 0) for r in ok) if ok else None,
             "max_shared_kib": round(max((r.shared_bytes or 0) for r in ok) / 1024, 1) if ok else None,
-            "lowering_16bit": lowering,
+            "lowering": lowering,
         })
     return rows
 
@@ -438,10 +438,10 @@ def to_markdown(results: list[Result], env: dict, command: str) -> str:
     lines = [f"# Triton GPU compile check (no GPU): `{command}`", "",
              f"{env['date']}; triton {env['triton']}, torch {env['torch']}, ptxas {env['ptxas']}.", "",
              "## Per kernel and architecture", "",
-             "| kernel | arch | compiles | failed | max regs | spilling (max B) | max smem KiB | 16-bit dot lowering (configs) |",
+             "| kernel | arch | compiles | failed | max regs | spilling (max B) | max smem KiB | dot operand type and lowering (configs) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for s in summarize(results):
-        low = ", ".join(f"{k}: {v}" for k, v in sorted(s["lowering_16bit"].items()))
+        low = ", ".join(f"{k}: {v}" for k, v in sorted(s["lowering"].items()))
         lines.append(f"| {s['kernel']} | {s['arch']} | {s['compiles']} | {s['failed']} | {s['max_registers']} | "
                      f"{s['spilling']} ({s['max_spill_bytes']}) | {s['max_shared_kib']} | {low} |")
     lines += ["", "## Every config", "",
@@ -519,7 +519,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(f"\n{'kernel':<42}{'arch':<7}{'n':>4}{'fail':>5}{'regs':>6}{'spill':>6}{'smemKiB':>9}  lowering")
     for s in summary:
         print(f"{s['kernel']:<42}{s['arch']:<7}{s['compiles']:>4}{s['failed']:>5}{s['max_registers']!s:>6}"
-              f"{s['spilling']:>6}{s['max_shared_kib']!s:>9}  {s['lowering_16bit']}")
+              f"{s['spilling']:>6}{s['max_shared_kib']!s:>9}  {s['lowering']}")
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results)} compiles in {time.perf_counter() - started:.0f}s: "
           f"{len(results) - len(failed)} pass, {len(failed)} fail")
