@@ -1,6 +1,6 @@
 """Data parallelism (effkern/train/dist.py) on 2 gloo processes: parameters start as
-rank 0's whatever each rank's seed (DDP and FSDP2), FSDP2 training reproduces the
-single-process losses and weights, and the methods' training steps read nothing back
+rank 0's whatever each rank's seed (DDP and FSDP2), FSDP2 training (stopped and
+resumed half-way) reproduces the single-process losses and weights, and the methods' training steps read nothing back
 to the host.  (2-process DDP vs one process: tests/test_train_loop.py.)"""
 
 import gc
@@ -86,7 +86,7 @@ def _train_worker(rank, world, port, cfg_dict):
     train(TrainConfig.from_dict(cfg_dict))
 
 
-def test_fsdp2_on_two_gloo_processes_matches_one_process(tmp_path):
+def test_fsdp2_on_two_gloo_processes_matches_one_process_also_across_a_resume(tmp_path):
     # DINO: sharded student, head and teacher copies (the EMA runs shard by shard), the centre
     # all-reduced over ranks; its head has no BatchNorm, so each rank's loss is its shard's
     overrides = dict(method="dino", method_kwargs={"out_dim": 40, "hidden_dim": 32, "bottleneck_dim": 16,
@@ -96,7 +96,9 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(tmp_path):
     single = tiny_cfg(tmp_path, "single", **overrides)
     train(single)
     multi = tiny_cfg(tmp_path, "fsdp", fsdp=True, **overrides)
-    mp.spawn(_train_worker, args=(2, _free_port(), multi.to_dict()), nprocs=2, join=True)
+    # stopped after 2 steps and resumed: the sharded state goes through a checkpoint on the way
+    mp.spawn(_train_worker, args=(2, _free_port(), {**multi.to_dict(), "stop_after_steps": 2}), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(2, _free_port(), {**multi.to_dict(), "resume": True}), nprocs=2, join=True)
     assert len(losses(multi.out_dir)) == len(losses(single.out_dir)) >= 4
     assert losses(multi.out_dir) == pytest.approx(losses(single.out_dir), rel=1e-4, abs=1e-6)
     # the checkpoint holds whole tensors under the single-process keys, equal to one process's weights

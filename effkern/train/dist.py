@@ -206,6 +206,8 @@ def load_full_state(method: nn.Module, optimizer, model_state: dict, optimizer_s
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(method, model_state, options=options)
-    set_optimizer_state_dict(method, optimizer, optimizer_state, options=options)
+    set_model_state_dict(method, model_state, options=StateDictOptions(full_state_dict=True))
+    # strict=False: parameters that never had a gradient (a self-supervised method's unused
+    # classifier head) have no AdamW state, as in optimizer.state_dict() on one process
+    set_optimizer_state_dict(method, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
