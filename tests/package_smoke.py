@@ -1,9 +1,10 @@
 """Smoke test of an INSTALLED effkern, run by ``./dev package-test`` in a fresh venv from
 outside the source tree (not collected by pytest):
 
-  python package_smoke.py [--train]
+  python package_smoke.py [--torch VERSION] [--train]
 
-Checks: the compiled CPU kernels load; fft_crop, varlen_attention and patch_embed on
+Checks: torch is still VERSION (what the extension was built against: installing an
+extra must not have upgraded it); the compiled CPU kernels load; fft_crop, varlen_attention and patch_embed on
 their compiled / default paths agree with the PyTorch reference backend; the timm
 patch keeps timm's native forward and runs the packed one; with --train (the
 ``train`` extra installed), a 10-step ``effkern train`` through the console script.
@@ -89,6 +90,11 @@ def check_train() -> None:
 
 
 if __name__ == "__main__":
+    if "--torch" in sys.argv:
+        import torch
+
+        want = sys.argv[sys.argv.index("--torch") + 1]
+        assert torch.__version__.split("+")[0] == want, f"torch {torch.__version__}, built against {want}"
     check_ops()
     check_timm_patch()
     if "--train" in sys.argv[1:]:
