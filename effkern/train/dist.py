@@ -137,8 +137,10 @@ def wrap_step(method: nn.Module, device: torch.device, mode: str = "ddp"):
         from torch.nn.parallel import DistributedDataParallel
 
         # find_unused_parameters: a self-supervised method never uses the encoder's classifier head
-        return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=True)
+        ids = None
+        if device.type == "cuda":  # "cuda" without an index: the rank's device (init_from_env set it)
+            ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
     broadcast_from_rank0_(step)  # fully_shard keeps each rank's own values: start from rank 0's
     return _fully_shard(step, device)
 
