@@ -110,8 +110,10 @@ def test_autotune_lists_cover_every_head_dim_and_are_wgmma_shaped_on_hopper():
                 assert all(c.kwargs["BLOCK_M"] >= 64 for c in fwd) and all(c.kwargs["BLOCK_N"] >= 64 for c in dw)
 
 
-def test_doctor_rejects_an_unknown_arch_with_exit_2(capsys):
+def test_doctor_rejects_an_unknown_arch_or_kernel_with_exit_2(capsys):
     from effkern.cli import main
 
     assert main(["doctor", "--compile-gpu", "--arch", "70", "--quiet"]) == 2
     assert "--arch" in capsys.readouterr().err
+    assert main(["doctor", "--compile-gpu", "--kernels", "_no_such_kernel", "--quiet"]) == 2
+    assert "--kernels" in capsys.readouterr().err

@@ -508,7 +508,15 @@ def run(args: argparse.Namespace, command: str) -> int:
     if unknown:
         print(f"effkern doctor --compile-gpu: --arch {unknown} not in {sorted(ARCHS)}", file=sys.stderr)
         return 2
+    if args.kernels:
+        known = set(discover())
+        known |= {name.split(".")[-1] for name in known}
+        unknown = [k for k in args.kernels.split(",") if k not in known]
+        if unknown:
+            print(f"effkern doctor --compile-gpu: --kernels {unknown} not among {sorted(known)}", file=sys.stderr)
+            return 2
     started = time.perf_counter()
+
     def partial(results):  # a sweep cut short keeps what it compiled
         if args.out and len(results) % 10 == 0:
             write(args.out, results, command + "  (partial)")
