@@ -104,7 +104,8 @@ def test_autotune_lists_cover_every_head_dim_and_are_wgmma_shaped_on_hopper():
                         assert all(c.kwargs[row] >= 64 for c in found), (kernel.fn.__name__, d)
         for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32")):
             args = {"img_ptr": torch.empty(0, dtype=dtype), "PRECISION": precision}
-            fwd, dw = pe._patch_embed_fwd_kernel.candidates(arch, args), pe._patch_embed_dw_kernel.candidates(arch, args)
+            fwd = pe._patch_embed_fwd_kernel.candidates(arch, args)
+            dw = pe._patch_embed_dw_kernel.candidates(arch, args)
             assert fwd and dw
             if arch == 90 and (dtype != torch.float32 or precision == "tf32"):
                 assert all(c.kwargs["BLOCK_M"] >= 64 for c in fwd) and all(c.kwargs["BLOCK_N"] >= 64 for c in dw)

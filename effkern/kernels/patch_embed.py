@@ -267,7 +267,8 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         T, D, K, npatch, gw,
         *images.stride(), *weight.stride(), *pos_s, *out.stride(),
         P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_IDX=index is not None,
-        ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device), UPCAST=_upcast(images.dtype))
+        ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device),
+        UPCAST=_upcast(images.dtype))
     return out
 
 
@@ -309,5 +310,6 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, index: torc
         T, D, K, npatch, gw, chunk,
         *grad.stride(), *images.stride(), *ws.stride(),
         P=p, HAS_IDX=index is not None,
-        ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device), UPCAST=_upcast(images.dtype))
+        ACC_F64=images.dtype == torch.float64, PRECISION=_precision(images.dtype, images.device),
+        UPCAST=_upcast(images.dtype))
     return (ws[0] if split == 1 else ws.sum(0)).to(images.dtype)

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"environment": meta, "seconds": timings, "chosen": chosen}, f, indent=1)
         with open(args.out + ".md", "w") as f:
             f.write(f"# Autotune winners on {meta['device']} ({meta['date']})\n\n`{meta['command']}`; "
-                    f"torch {meta['torch']}, triton {meta['triton']}\n\n| kernel | tuning key | config |\n|---|---|---|\n")
+                    f"torch {meta['torch']}, triton {meta['triton']}\n\n"
+                    "| kernel | tuning key | config |\n|---|---|---|\n")
             for kernel, picks in chosen.items():
                 for key, cfg in picks.items():
                     f.write(f"| {kernel} | `{key}` | {cfg} |\n")

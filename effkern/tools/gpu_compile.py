@@ -438,7 +438,8 @@ def to_markdown(results: list[Result], env: dict, command: str) -> str:
     lines = [f"# Triton GPU compile check (no GPU): `{command}`", "",
              f"{env['date']}; triton {env['triton']}, torch {env['torch']}, ptxas {env['ptxas']}.", "",
              "## Per kernel and architecture", "",
-             "| kernel | arch | compiles | failed | max regs | spilling (max B) | max smem KiB | dot operand type and lowering (configs) |",
+             "| kernel | arch | compiles | failed | max regs | spilling (max B) | max smem KiB "
+             "| dot operand type and lowering (configs) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for s in summarize(results):
         low = ", ".join(f"{k}: {v}" for k, v in sorted(s["lowering"].items()))
