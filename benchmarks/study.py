@@ -250,6 +250,12 @@ def run_timing_cell(cell: dict, repeats: int = 12, warmup: int = 2) -> dict:
     return out
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_cell(cell: dict) -> dict:
     if cell["kind"] == "reference":
         return run_reference_cell(cell)
@@ -528,7 +534,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells")
     p.add_argument("--only", default=None, help="run only the cell with this id (see plan)")
     p.add_argument("--results", default=RESULTS)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (on a machine shared with "
+                   "other jobs, 1 is several times faster than 2: OpenMP waits at every op)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.cmd == "summarize":
         summary = summarize(args.results)
         os.makedirs(args.results, exist_ok=True)
@@ -558,7 +570,10 @@ def main(argv=None) -> int:
                 break
             cell = todo[0]
             print(f"== {cell_id(cell)}  ({time.strftime('%H:%M:%S')})", flush=True)
+            t0 = time.time()
             result = run_cell(cell)
+            result.setdefault("process_wall_s", time.time() - t0)
+            result["threads"] = _threads()
             print(f"   -> {write_result(cell, result, args.results)}", flush=True)
             ran += 1
     return 0
