@@ -479,6 +479,13 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
         L.append(f"| {method} | {done} | {total} |")
     L.append("")
     L += ["## What is shown and what is not", ""] + [f"- {line}" for line in _shown(summary)] + [""]
+    L += ["## Continuing the study", "",
+          "The grid takes many CPU-hours; it runs in resumable pieces.  `python benchmarks/study.py plan` lists "
+          "every cell as done / todo / blocked (final cells wait for their budget's tuning grid); "
+          "`nice -n 15 python benchmarks/study.py run --method mocov3 --threads 1` runs the next cells in order "
+          "(finished cells are skipped, an interrupted training cell resumes from its last checkpoint in "
+          "`runs/study/`); commit the new JSONs in `benchmarks/results/study/` and regenerate this page with "
+          "`python benchmarks/study.py summarize`.", ""]
     for method, entry in summary["methods"].items():
         L += [f"## {method}", ""]
         if entry["reference"]:
