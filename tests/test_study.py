@@ -4,7 +4,6 @@ validation HPs, the compute-saved factor and its bootstrap interval on synthetic
 and the summary / report only from the cells that exist."""
 
 import importlib.util
-import json
 import math
 import os
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import dist
-from .base import Method, ViewPlan, stage_keep
+from .base import Method, ViewPlan
 
 _LARGE = 1e9
 
