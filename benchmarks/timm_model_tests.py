@@ -7,7 +7,7 @@ effkern-patched ViTs, beside an unpatched control run, and print the pass counts
 
 The timm sdist carries its tests.  This script copies test_models.py (and its
 conftest.py) into a scratch directory, so the INSTALLED timm is the one tested, and
-runs pytest twice on the same selection (ViT-family models, CPU): ``control`` (timm
+runs pytest twice, side by side, on the same selection (ViT-family models, CPU): ``control`` (timm
 as is) and ``patched`` (this file is also the pytest plugin: it wraps
 timm.create_model so that every VisionTransformer it returns goes through
 effkern.timm.patch; models patch() rejects stay unpatched and are counted).  Output:
@@ -94,17 +94,27 @@ def _results(xml_path: Path) -> dict:
     return out
 
 
-def _run(mode: str, work: Path, models, markers: str, timeout: int) -> tuple[dict, dict]:
+def _start(mode: str, work: Path, models, markers: str):
+    """Start one pytest run (control and patched run side by side)."""
     xml, stats = work / f"{mode}.xml", work / f"{mode}_stats.json"
     env = dict(os.environ, **{MODE_ENV: mode, STATS_ENV: str(stats)})
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "timm_model_tests",
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "timm_model_tests",
            str(work / "test_models.py"), "-m", markers, "-k", " or ".join(models),
            f"--junitxml={xml}", "-o", "junit_family=xunit2"]
-    print(f"[{mode}] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, cwd=work, env=env, timeout=timeout, check=False,
-                   stdout=subprocess.DEVNULL if mode == "control" else None)
-    return _results(xml), (json.loads(stats.read_text()) if stats.exists() else {})
+    print(f"[{mode}] {' '.join(cmd)}\n  log: {work / (mode + '.log')}", flush=True)
+    log = open(work / f"{mode}.log", "w")  # pytest's own output (-v: one line per test, as it runs)
+    return subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT), xml, stats
+
+
+def _finish(run, timeout: int) -> tuple[dict, dict]:
+    proc, xml, stats = run
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    results = _results(xml) if xml.exists() else {}
+    return results, (json.loads(stats.read_text()) if stats.exists() else {})
 
 
 def _summary(results: dict) -> dict:
@@ -136,8 +146,9 @@ def main(argv=None) -> int:
 
     import timm
 
-    control, _ = _run("control", work, models, args.markers, args.timeout)
-    patched, stats = _run("patched", work, models, args.markers, args.timeout)
+    runs = {mode: _start(mode, work, models, args.markers) for mode in ("control", "patched")}
+    control, _ = _finish(runs["control"], args.timeout)
+    patched, stats = _finish(runs["patched"], args.timeout)
     summary = {"timm": timm.__version__, "models": models, "markers": args.markers,
                "create_model calls": stats, "functions": {}}
     print(f"\ntimm {timm.__version__}, {len(models)} models, markers: {args.markers}")
