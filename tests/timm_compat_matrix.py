@@ -8,7 +8,7 @@ that docs/timm.md carries (a test checks that the doc is up to date).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 SMALL = {"depth": 1, "embed_dim": 64, "num_heads": 2, "num_classes": 5}
