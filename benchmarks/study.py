@@ -191,13 +191,16 @@ def units_per_image(method: str) -> float:
 def train_config(cell: dict, runs: str = RUNS):
     from effkern.train.config import TrainConfig
 
+    from effkern.train import checkpoint
+
     val = cell["split"] == "val"
+    out_dir = os.path.join(runs, cell_id(cell))
     return TrainConfig(method=cell["method"], method_kwargs=dict(METHOD_KWARGS[cell["method"]]), data=DATA,
                        base_size=BASE_SIZE, val_split=VAL_SPLIT if val else 0,
                        budget=cell["images"] * units_per_image(cell["method"]) / 1e6, schedule=cell["schedule"],
                        batch_size=cell["batch"], lr=cell["lr"], seed=cell["seed"],
-                       out_dir=os.path.join(runs, cell_id(cell)), ckpt_every=CKPT_EVERY, log_every=50,
-                       linear_probe=True, progress_bar=False, resume=True)
+                       out_dir=out_dir, ckpt_every=CKPT_EVERY, log_every=50, linear_probe=True,
+                       progress_bar=False, resume=bool(checkpoint.available(out_dir)))  # resume an interrupted cell
 
 
 def run_train_cell(cell: dict, runs: str = RUNS) -> dict:

@@ -149,3 +149,12 @@ def test_interleaved_timing_alternates_runs_and_counts_the_planned_steps(tmp_pat
     assert order == ["none", "half"] * 3  # one step of each in turn, every round
     assert out["none"]["steps"] == runs["none"].total_steps and out["half"]["steps"] == runs["half"].total_steps
     assert out["half"]["steps"] > out["none"]["steps"] and out["none"]["seconds"] > 0
+
+
+def test_a_cell_resumes_only_when_its_run_directory_holds_a_checkpoint(tmp_path):
+    cell = study.tune_cell("mocov3", study.BUDGET_IMAGES[0], 128, 2e-3)
+    cfg = study.train_config(cell, str(tmp_path))
+    assert not cfg.resume and cfg.val_split == study.VAL_SPLIT and cfg.out_dir.startswith(str(tmp_path))
+    os.makedirs(cfg.out_dir)
+    open(os.path.join(cfg.out_dir, "checkpoint.pt"), "wb").close()
+    assert study.train_config(cell, str(tmp_path)).resume
