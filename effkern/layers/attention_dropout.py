@@ -20,19 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_CHUNK_ELEMENTS = 1 << 25  # bound on n * heads * L * L score elements per group chunk
-
-
-def _groups(cu_seqlens: torch.Tensor, heads: int):
-    """(length, start offsets (n,) CPU int64) per distinct non-zero length, in
-    increasing length and, inside a length, in sequence order; chunked."""
-    cu = cu_seqlens.to("cpu", torch.int64)
-    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-    for length in torch.unique(lengths).tolist():
-        if length == 0:
-            continue
-        s = starts[lengths == length]
-        yield from ((length, c) for c in s.split(max(1, _CHUNK_ELEMENTS // (heads * length * length))))
+from effkern.reference.varlen_attention import length_groups
 
 
 def varlen_attention_dropout(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
@@ -45,7 +33,7 @@ def varlen_attention_dropout(qkv: torch.Tensor, cu_seqlens: torch.Tensor, scale:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     total, _, heads, head_dim = qkv.shape
     rows, outs = [], []
-    for length, starts in _groups(cu_seqlens, heads):
+    for length, starts in length_groups(cu_seqlens, heads):
         idx = (starts[:, None] + torch.arange(length)[None, :]).to(qkv.device)   # (n, L)
         q, k, v = qkv[idx].permute(2, 0, 3, 1, 4).unbind(0)                       # (n, H, L, D)
         attn = (q * scale) @ k.transpose(-2, -1)

@@ -34,18 +34,23 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 _CHUNK_ELEMENTS = 1 << 25  # bound on n * heads * L * L score elements per batched matmul
 
 
-def _groups(cu_seqlens: torch.Tensor, device: torch.device, heads: int):
-    """Yield (length, index (n, length) long tensor) per distinct non-zero length,
-    split into chunks whose score tensor stays below _CHUNK_ELEMENTS."""
+def length_groups(cu_seqlens: torch.Tensor, heads: int):
+    """Yield (length, start offsets (n,) CPU int64) per distinct non-zero length, in
+    increasing length and, inside a length, in sequence order; split into chunks whose
+    (n, heads, length, length) score tensor stays below _CHUNK_ELEMENTS."""
     cu = cu_seqlens.to("cpu", torch.int64)
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
     for length in torch.unique(lengths).tolist():
         if length == 0:
             continue
         s = starts[lengths == length]
-        step = max(1, _CHUNK_ELEMENTS // (heads * length * length))
-        for chunk in s.split(step):
-            yield length, (chunk[:, None] + torch.arange(length)[None, :]).to(device)
+        yield from ((length, c) for c in s.split(max(1, _CHUNK_ELEMENTS // (heads * length * length))))
+
+
+def _groups(cu_seqlens: torch.Tensor, device: torch.device, heads: int):
+    """Yield (length, index (n, length) long tensor) per chunk of :func:`length_groups`."""
+    for length, chunk in length_groups(cu_seqlens, heads):
+        yield length, (chunk[:, None] + torch.arange(length)[None, :]).to(device)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
