@@ -199,6 +199,18 @@ def test_gradcheck():
                                         (x, w, b, pos), eps=1e-6, atol=1e-6)
 
 
+def test_double_backward_raises():
+    """The backward ops have no derivative: a second-order grad must raise, not warn and
+    return a silently wrong result (torch's fallback for ops without an autograd kernel)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 8, 8, generator=gen, requires_grad=True)
+    w = torch.randn(5, 3, 4, 4, generator=gen, requires_grad=True)
+    gx, gw = torch.autograd.grad(patch_embed(x, w, None, 4).square().sum(), [x, w], create_graph=True)
+    for g in (gx, gw):
+        with pytest.raises(RuntimeError, match="double backward through effkern patch_embed"):
+            torch.autograd.grad(g.square().sum(), [x, w], allow_unused=True)
+
+
 def _op_args(with_index: bool):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 8, 8, generator=gen, requires_grad=True)

@@ -8,13 +8,13 @@ runs here, in the differentiable wrapper; the custom ops below see the
 already-resized weight (D, C*p*p) and pos (N, D).  Math and layout:
 docs/ops_patch_embed.md.
 
-Ops (torch.ops.effkern.*, Python custom ops, declared here)
-------------------------------------------------------------
-patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos, Tensor? index, int patch_size) -> Tensor
+Ops (torch.ops.effkern.*, declared here with torch.library: define, impl, fake, autograd)
+------------------------------------------------------------------------------------------
+patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos, Tensor? index, SymInt patch_size) -> Tensor
     (T, D); index (T,) int64 = flat patch index b*N + n of each kept token
     (None: every patch, T = B*N, token order b-major, row-major grid).
-patch_embed_bwd_weight(Tensor grad, Tensor images, Tensor? index, int patch_size) -> Tensor      (D, C*p*p)
-patch_embed_bwd_images(Tensor grad, Tensor weight, Tensor? index, int patch_size, SymInt[] image_size) -> Tensor
+patch_embed_bwd_weight(Tensor grad, Tensor images, Tensor? index, SymInt patch_size) -> Tensor      (D, C*p*p)
+patch_embed_bwd_images(Tensor grad, Tensor weight, Tensor? index, SymInt patch_size, SymInt[] image_size) -> Tensor
 
 Backends (effkern.backend.select over {"triton", "reference"}): CUDA -> Triton
 (effkern/kernels/patch_embed.py); CPU -> the PyTorch reference (gather, one
@@ -61,49 +61,76 @@ def _kernel_index(index: Optional[torch.Tensor], images: torch.Tensor) -> Option
 
 
 # ---------------------------------------------------------------------------
-# custom ops
+# ops: per op its schema, implementation, fake kernel (and autograd)
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("effkern::patch_embed_fwd", mutates_args=())
-def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    pos: Optional[torch.Tensor], index: Optional[torch.Tensor], patch_size: int) -> torch.Tensor:
+_lib = torch.library.Library("effkern", "FRAGMENT")
+# the tag promises torch.compile that the ops pass opcheck (tests/test_patch_embed.py runs it)
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+
+# -- effkern::patch_embed_fwd ------------------------------------------------
+
+_lib.define("patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos, Tensor? index, "
+            "SymInt patch_size) -> Tensor", tags=_TAGS)
+
+
+def _fwd_impl(images, weight, bias, pos, index, patch_size):
     index = _kernel_index(index, images)
     if _backend(images.device) == "triton":
         return _kernels().patch_embed_fwd(images, weight, bias, pos, index, patch_size)
     return _ref.patch_embed_fwd(images, weight, bias, pos, index, patch_size)
 
 
-@torch.library.custom_op("effkern::patch_embed_bwd_weight", mutates_args=())
-def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, index: Optional[torch.Tensor],
-                           patch_size: int) -> torch.Tensor:
-    index = _kernel_index(index, images)
-    if _backend(images.device) == "triton":
-        return _kernels().patch_embed_bwd_weight(grad, images, index, patch_size)
-    return _ref.patch_embed_bwd_weight(grad, images, index, patch_size)
+_lib.impl("patch_embed_fwd", _fwd_impl, "CompositeExplicitAutograd")
 
 
-@torch.library.custom_op("effkern::patch_embed_bwd_images", mutates_args=())
-def patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, index: Optional[torch.Tensor],
-                           patch_size: int, image_size: Sequence[int]) -> torch.Tensor:
-    return _ref.patch_embed_bwd_images(grad, weight, index, patch_size, image_size)
-
-
-@patch_embed_fwd.register_fake
+@torch.library.register_fake("effkern::patch_embed_fwd")
 def _fwd_fake(images, weight, bias, pos, index, patch_size):
     B, C, H, W = images.shape
     T = B * (H // patch_size) * (W // patch_size) if index is None else index.shape[0]
     return images.new_empty((T, weight.shape[0]))
 
 
-@patch_embed_bwd_weight.register_fake
+# -- effkern::patch_embed_bwd_weight -----------------------------------------
+
+_lib.define("patch_embed_bwd_weight(Tensor grad, Tensor images, Tensor? index, SymInt patch_size) -> Tensor",
+            tags=_TAGS)
+
+
+def _bwd_weight_impl(grad, images, index, patch_size):
+    index = _kernel_index(index, images)
+    if _backend(images.device) == "triton":
+        return _kernels().patch_embed_bwd_weight(grad, images, index, patch_size)
+    return _ref.patch_embed_bwd_weight(grad, images, index, patch_size)
+
+
+_lib.impl("patch_embed_bwd_weight", _bwd_weight_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("effkern::patch_embed_bwd_weight")
 def _bwd_weight_fake(grad, images, index, patch_size):
     return images.new_empty((grad.shape[1], images.shape[1] * patch_size * patch_size))
 
 
-@patch_embed_bwd_images.register_fake
+# -- effkern::patch_embed_bwd_images -----------------------------------------
+
+_lib.define("patch_embed_bwd_images(Tensor grad, Tensor weight, Tensor? index, SymInt patch_size, "
+            "SymInt[] image_size) -> Tensor", tags=_TAGS)
+
+
+def _bwd_images_impl(grad, weight, index, patch_size, image_size):
+    return _ref.patch_embed_bwd_images(grad, weight, index, patch_size, image_size)
+
+
+_lib.impl("patch_embed_bwd_images", _bwd_images_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("effkern::patch_embed_bwd_images")
 def _bwd_images_fake(grad, weight, index, patch_size, image_size):
     return grad.new_empty(tuple(image_size))
 
+
+# -- autograd of effkern::patch_embed_fwd (through the two backward ops) ------
 
 def _setup_context(ctx, inputs, output):
     images, weight, bias, pos, index, patch_size = inputs
@@ -135,7 +162,18 @@ def _backward(ctx, grad):
     return d_images, d_weight, d_bias, d_pos, None, None
 
 
-patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("effkern::patch_embed_fwd", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, grad):
+    # without an autograd kernel, torch would only warn and treat the backward ops as
+    # constants in a double backward: a silently wrong second derivative
+    raise RuntimeError("double backward through effkern patch_embed is not supported "
+                       "(its backward ops effkern::patch_embed_bwd_weight/_bwd_images have no derivative)")
+
+
+torch.library.register_autograd("effkern::patch_embed_bwd_weight", _no_double_backward)
+torch.library.register_autograd("effkern::patch_embed_bwd_images", _no_double_backward)
 
 
 # ---------------------------------------------------------------------------
