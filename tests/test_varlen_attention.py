@@ -71,6 +71,51 @@ def test_ragged_edge_cases(lengths, poisoned):
     _check_against_oracle(*_inputs(lengths, 2, 32))
 
 
+RUN_LAYOUTS = {  # lengths -> contiguous_runs (first token, sequences, length), None = gather path
+    "equal": ([7, 7, 7, 7, 7], [(0, 5, 7)]),
+    "view-major": ([9, 9, 9, 4, 4, 4], [(0, 3, 9), (27, 3, 4)]),
+    "empties-inside": ([6, 0, 6, 6, 0, 3, 3], [(0, 3, 6), (18, 2, 3)]),
+    "length-repeats": ([5, 3, 5], None),
+    "all-distinct": ([4, 6, 3], [(0, 1, 4), (4, 1, 6), (10, 1, 3)]),
+}
+
+
+@pytest.mark.parametrize("layout", list(RUN_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_copy_runs_and_gather_path_match_oracle(layout, dtype, poisoned):
+    """CPU path: each distinct length forming one contiguous run of sequences runs on
+    strided views (no gather); otherwise sequences are gathered by length.  Both match
+    the oracle, unpacked and qkv-packed, forward and backward."""
+    from effkern.reference.varlen_attention import contiguous_runs
+
+    lengths, runs = RUN_LAYOUTS[layout]
+    q, k, v, cu, m = _inputs(lengths, 3, 32, dtype, seed=len(lengths))
+    assert contiguous_runs(cu) == runs
+    _check_against_oracle(q, k, v, cu, m)
+    qkv = torch.stack([q, k, v], 1).detach().requires_grad_()
+    out = varlen_attention_qkvpacked(qkv, cu, m)
+    ref = varlen_attention_oracle(q, k, v, cu)
+    assert rel_err(out, ref) < TOL[dtype]
+    g = torch.randn(out.shape, dtype=torch.float64)
+    (dqkv,) = torch.autograd.grad(out, qkv, g.to(dtype))
+    want = torch.stack(torch.autograd.grad(ref, (q, k, v), g), 1)
+    assert rel_err(dqkv, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_input_on_run_path_follows_math_path(value):
+    """inf / NaN inputs on equal-length (zero-copy) layouts leave the fused kernel: the
+    output's NaN pattern is the oracle's, the other sequence stays exact."""
+    q, k, v, cu, m = _inputs([6, 6], 2, 32, seed=11)
+    with torch.no_grad():
+        q[2, 1, 5] = value  # ATen's fused CPU kernel would zero this row instead
+    out = varlen_attention(q, k, v, cu, m)
+    want = varlen_attention_oracle(q, k, v, cu)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert torch.isnan(out[:6]).any()
+    assert rel_err(out[6:], want[6:]) < 1e-5
+
+
 def test_many_random_sequences(poisoned):
     g = torch.Generator().manual_seed(3)
     lengths = torch.randint(0, 40, (60,), generator=g).tolist()

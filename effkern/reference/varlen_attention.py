@@ -4,9 +4,14 @@ Same contract as effkern/kernels/varlen_attention.py: q, k, v (total, H, D), cu_
 int32 (B+1,), non-causal softmax attention inside each sequence; lse (H, total) is the
 natural-log logsumexp of the scaled scores (float64 for float64 inputs, else float32).
 
-Sequences of equal length are gathered into one (n, H, L, D) batch, so nothing of
-size total x total is ever built and the work is exactly the real tokens' (no
-padding).  On CPU each batch runs ATen's fused CPU attention
+Sequences of equal length form one (n, H, L, D) batch, so nothing of size
+total x total is ever built and the work is exactly the real tokens' (no padding).
+When each distinct length occupies ONE contiguous run of sequences (all lengths
+equal -- keep None or a ratio -- or views packed view-major by forward_views), every
+run is a zero-copy strided view of the packed tensors: (n*L, H, D) -> (n, L, H, D)
+-> transposed to (n, H, L, D), which ATen's CPU kernel reads in place, and results
+are written back with one slice copy.  Otherwise (per-sample ragged lengths) the
+sequences of one length are gathered by index and scattered back.  On CPU each batch runs ATen's fused CPU attention
 (aten._scaled_dot_product_flash_attention_for_cpu[_backward]: exact fp32/fp64
 arithmetic, returns the logsumexp); elsewhere, or if that private op is missing,
 plain batched matmuls + softmax.  fp16/bf16 are computed in float32.  Reads cu_seqlens on
@@ -15,7 +20,9 @@ the host (a sync on CUDA: this path is for CPU, tests and debugging).
 NaN and inf propagate as in torch's math attention path (a NaN in q[t] makes out[t]
 NaN; a NaN in k[s] or v[s] reaches every row of s's sequence): ATen's fused CPU
 kernel instead turns a query row holding a NaN into zeros, so inputs that are not
-all finite take the plain-matmul path (one isfinite pass over the inputs decides).
+all finite take the plain-matmul path.  The test is one float64 sum per input (finite
+iff every element is: float64 cannot overflow on float32/16 data), a single read
+pass with no temporaries.
 """
 
 from __future__ import annotations
@@ -71,15 +78,50 @@ def _flash_cpu(x: torch.Tensor):
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:
-    """True when no input holds a NaN or inf (then the fused CPU kernel may be used)."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """True when no input holds a NaN or inf (then the fused CPU kernel may be used): the
+    float64 sum of a tensor is finite exactly when all its elements are (NaN and inf
+    propagate; float64 does not overflow on float32 / half data)."""
+    sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
+    return bool(torch.isfinite(sums).all())
+
+
+def contiguous_runs(cu_seqlens: torch.Tensor):
+    """[(first token, sequences n, length L)] of the maximal runs of consecutive
+    non-empty sequences of equal length, when every distinct length forms ONE run
+    (so there are at most as many runs as lengths); None otherwise (ragged lengths:
+    gather by length instead)."""
+    cu = cu_seqlens.to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    nonempty = lengths > 0
+    starts, lengths = cu[:-1][nonempty], lengths[nonempty]
+    if lengths.numel() == 0:
+        return []
+    brk = torch.nonzero(lengths[1:] != lengths[:-1]).flatten() + 1
+    first = torch.cat([brk.new_zeros(1), brk])
+    n_seq = torch.diff(torch.cat([first, brk.new_tensor([lengths.numel()])]))
+    run_len = lengths[first]
+    if torch.unique(run_len).numel() != run_len.numel():
+        return None
+    # runs separated only by empty sequences are still contiguous in tokens
+    return list(zip(starts[first].tolist(), n_seq.tolist(), run_len.tolist()))
+
+
+def _run_view(x: torch.Tensor, t0: int, n: int, length: int) -> torch.Tensor:
+    """Rows [t0, t0 + n*L) of (total, H, D) as (n, H, L, D), no copy."""
+    return x[t0:t0 + n * length].unflatten(0, (n, length)).transpose(1, 2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has unit stride (ATen's fused CPU attention reads
+    the other dims through their strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _group_forward(qg, kg, vg, scale, fused: bool = True):
     """(n, H, L, D) -> out (n, H, L, D), lse (n, H, L)."""
     flash = _flash_cpu(qg) if fused else None
-    if flash is not None:  # it requires dense (n, H, L, D) operands
-        return flash(qg.contiguous(), kg.contiguous(), vg.contiguous(), scale=scale)
+    if flash is not None:  # reads any strides with a unit-stride last dim
+        return flash(_unit_last(qg), _unit_last(kg), _unit_last(vg), scale=scale)
     s = torch.matmul(qg, kg.transpose(-1, -2)) * scale              # (n, H, L, L)
     m = torch.logsumexp(s, dim=-1, keepdim=True)
     return torch.matmul(torch.exp(s - m), vg), m[..., 0]
@@ -88,8 +130,8 @@ def _group_forward(qg, kg, vg, scale, fused: bool = True):
 def _group_backward(dog, qg, kg, vg, og, lg, scale, fused: bool = True):
     if fused and _flash_cpu(qg) is not None:
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        dog, qg, kg, vg, og = (t.contiguous() for t in (dog, qg, kg, vg, og))
-        return bwd(dog, qg, kg, vg, og, lg, 0.0, False, scale=scale)
+        dog, qg, kg, vg, og = (_unit_last(t) for t in (dog, qg, kg, vg, og))
+        return bwd(dog, qg, kg, vg, og, lg.contiguous(), 0.0, False, scale=scale)
     p = torch.exp(torch.matmul(qg, kg.transpose(-1, -2)) * scale - lg[..., None])
     delta = (og * dog).sum(-1, keepdim=True)                        # (n, H, L, 1)
     ds = p * (torch.matmul(dog, vg.transpose(-1, -2)) - delta)
@@ -103,7 +145,14 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, out=None, lse=No
     ct = _compute_dtype(q.dtype)
     out = torch.empty((total, heads, head_dim), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((heads, total), device=q.device, dtype=ct) if lse is None else lse
-    fused = q.device.type == "cpu" and _all_finite(q, k, v)
+    fused = q.device.type == "cpu" and _flash_cpu(q) is not None and _all_finite(q, k, v)
+    runs = contiguous_runs(cu_seqlens) if fused and q.dtype == ct else None
+    if runs is not None:  # zero-copy views in, one slice copy out
+        for t0, n, length in runs:
+            og, lg = _group_forward(*(_run_view(t, t0, n, length) for t in (q, k, v)), scale, True)
+            _run_view(out, t0, n, length).copy_(og)
+            lse[:, t0:t0 + n * length].unflatten(1, (n, length)).copy_(lg.transpose(0, 1))
+        return out, lse
     for _, idx in _groups(cu_seqlens, q.device, heads):
         og, lg = _group_forward(*(_gather(t, idx, ct) for t in (q, k, v)), scale, fused)
         _scatter(out, idx, og)
@@ -118,7 +167,16 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float,
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dq is None else dq
     dk = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dk is None else dk
     dv = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dv is None else dv
-    fused = q.device.type == "cpu" and _all_finite(q, k, v, out, dout)
+    fused = q.device.type == "cpu" and _flash_cpu(q) is not None and _all_finite(q, k, v, out, dout)
+    runs = contiguous_runs(cu_seqlens) if fused and q.dtype == ct else None
+    if runs is not None:  # zero-copy views in, one slice copy per gradient out
+        for t0, n, length in runs:
+            views = [_run_view(t, t0, n, length) for t in (q, k, v, out, dout)]
+            lg = lse[:, t0:t0 + n * length].unflatten(1, (n, length)).transpose(0, 1).to(ct)   # (n, H, L)
+            grads = _group_backward(views[4], *views[:4], lg, scale, True)
+            for dst, g in zip((dq, dk, dv), grads):
+                _run_view(dst, t0, n, length).copy_(g)
+        return dq, dk, dv
     for _, idx in _groups(cu_seqlens, q.device, q.shape[1]):
         qg, kg, vg, og, dog = (_gather(t, idx, ct) for t in (q, k, v, out, dout))
         lg = lse[:, idx].permute(1, 0, 2).to(ct).contiguous()          # (n, H, L)
