@@ -79,6 +79,14 @@ def _model_defaults() -> dict:
             if k not in ("self", "model_name")}
 
 
+def _check_model(option: str, name: str | None) -> None:
+    """A timm model name (timm would raise a RuntimeError traceback); None: the preset."""
+    import timm
+
+    if name is not None and not timm.is_model(name):
+        raise ValueError(f"{option} {name!r}: not a timm model name (see timm.list_models('vit_*'))")
+
+
 def _check_args(args) -> None:
     """What argparse cannot express: ranges, finite numbers, the device, --model-arg and
     --method-arg keys and types, --resume with a checkpoint in --out.  ValueError naming the option."""
@@ -103,6 +111,7 @@ def _check_args(args) -> None:
     if not 0.0 <= args.warmup <= 1.0:
         raise ValueError(f"--warmup must be a fraction in [0, 1], got {args.warmup}")
     _check_device("--device", args.device)
+    _check_model("--model", args.model)
     _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(), "timm VisionTransformer")
     method = _REGISTRY[str(args.method).lower().replace("-", "").replace("_", "")]
     _check_kwargs("--method-arg", _kv(args.method_arg, "--method-arg"), method.DEFAULTS, f"{args.method} method")
@@ -114,7 +123,7 @@ def _check_args(args) -> None:
 
 def train_parser(prog: str = "effkern train", add_help: bool = True) -> argparse.ArgumentParser:
     from effkern.schedules import PRESETS
-    from effkern.train.methods import METHODS
+    from effkern.train.catalog import METHODS
 
     p = _Parser(prog=prog, add_help=add_help, description="Train a ViT (MoCo v3 / SimCLR / DINO "
                                 "/ supervised) under a compute budget with scheduled input compression.")
@@ -232,7 +241,8 @@ def schedule_main(argv: list[str]) -> int:
     show = sub.add_parser("show", help="stages, their cost per image and the predicted speedup")
     show.add_argument("name")
     show.add_argument("--method", default="mocov3")
-    show.add_argument("--model", default="vit_tiny_patch16_224")
+    show.add_argument("--model", default=None, help="timm ViT name; default: the preset of --base-size, as "
+                      "effkern train (<= 64 px: patch 4, 4 blocks, width 128; larger: vit_tiny_patch16_224)")
     show.add_argument("--base-size", type=int, default=224)
     show.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     cal = sub.add_parser("calibrate", help="measure this device's time per cost unit for patch sizes x keeps "
@@ -261,6 +271,7 @@ def schedule_main(argv: list[str]) -> int:
     if args.cmd == "calibrate":
         try:
             _check_device("--device", args.device)
+            _check_model("--model", args.model)
             _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(), "timm VisionTransformer")
             for option in ("base_size", "batch", "repeat"):
                 if getattr(args, option) < 1:
@@ -273,30 +284,58 @@ def schedule_main(argv: list[str]) -> int:
             return _search(args)
         except (ValueError, FileNotFoundError) as exc:
             srch.error(str(exc))
-    import effkern.timm
-    from effkern.schedules import ModelCfg, describe, get_schedule
+    from effkern.schedules import describe, get_schedule
     from effkern.schedules.presets import check_patch_sizes
-    from effkern.train.methods import build_method
 
     try:
         schedule = get_schedule(args.name)
         if args.base_size < 1:
             raise ValueError(f"--base-size must be >= 1, got {args.base_size}")
         check_patch_sizes(schedule, args.base_size)
-        _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(), "timm VisionTransformer")
-        encoder = effkern.timm.create_model(args.model, pretrained=False, img_size=args.base_size,
-                                            **_kv(args.model_arg, "--model-arg"))
-        method = build_method(args.method, encoder)
+        cfg, views_fn = _show_shapes(args)
     except ValueError as exc:
         p.error(str(exc))
-    cfg = ModelCfg.from_timm(encoder)
-
-    def views_fn(stage):
-        size = max(1, round(args.base_size * stage.resolution))
-        return method.view_specs(size, stage, cfg.patch_size)
-
     print(describe(schedule, cfg, views_fn))
     return 0
+
+
+def _stage_size(base_size: int, stage) -> int:
+    return max(1, round(base_size * stage.resolution))
+
+
+def _show_shapes(args):
+    """(ModelCfg, views_fn) for ``schedule show``: from effkern.train.catalog, without torch,
+    for a timm ViT it knows and no --model-arg; else from the model and method built (on
+    the meta device: shapes only, no memory).  ValueError naming the bad argument."""
+    from effkern.train import catalog
+
+    cfg = None if args.model_arg else catalog.model_cfg(args.model, args.base_size)
+    if cfg is not None:
+        method = catalog.method_key(args.method)
+        return cfg, lambda stage: catalog.view_specs(method, cfg, _stage_size(args.base_size, stage), stage)
+    return _built_shapes(args)
+
+
+def _built_shapes(args):
+    """``_show_shapes`` from the real encoder and method (the trainer's calls: view_plan at the
+    base size, then view_specs at each stage's size)."""
+    import torch
+
+    import effkern.timm
+    from effkern.schedules import ModelCfg
+    from effkern.train.config import model_for
+    from effkern.train.methods import build_method
+
+    model_kwargs = _kv(args.model_arg, "--model-arg")
+    _check_model("--model", args.model)
+    _check_kwargs("--model-arg", model_kwargs, _model_defaults(), "timm VisionTransformer")
+    name, kwargs = model_for(args.model, args.base_size, model_kwargs)
+    with torch.device("meta"):
+        encoder = effkern.timm.create_model(name, **{"pretrained": False, "img_size": args.base_size, **kwargs})
+        method = build_method(args.method, encoder)
+    cfg = ModelCfg.from_timm(encoder)
+    method.view_plan(args.base_size)
+    return cfg, lambda stage: method.view_specs(_stage_size(args.base_size, stage), stage, cfg.patch_size)
 
 
 def _search(args) -> int:

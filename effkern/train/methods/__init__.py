@@ -4,23 +4,21 @@
 """
 from __future__ import annotations
 
+from effkern.train.catalog import METHODS, method_key
+
 from .base import Method, ViewPlan
 from .dino import DINO
 from .mocov3 import MoCoV3
 from .simclr import SimCLR
 from .supervised import Supervised
 
-METHODS = ("mocov3", "simclr", "dino", "supervised")
 _REGISTRY = {"mocov3": MoCoV3, "simclr": SimCLR, "dino": DINO, "supervised": Supervised}
 
 
 def build_method(name: str, encoder, **hparams) -> Method:
     """Build the method ``name`` (one of :data:`METHODS`) around ``encoder`` (a patched
     timm ViT); ``hparams`` override the recipe defaults.  Unknown name -> ValueError."""
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return _REGISTRY[key](encoder, **hparams)
+    return _REGISTRY[method_key(name)](encoder, **hparams)
 
 
 __all__ = ["METHODS", "Method", "ViewPlan", "build_method", "MoCoV3", "SimCLR", "DINO", "Supervised"]
