@@ -1,7 +1,7 @@
 """Data parallelism (effkern/train/dist.py) on 2 gloo processes: parameters start as
 rank 0's whatever each rank's seed (DDP and FSDP2), FSDP2 training (stopped and
-resumed half-way) reproduces the single-process losses and weights, and the methods' training steps read nothing back
-to the host.  (2-process DDP vs one process: tests/test_train_loop.py.)"""
+resumed half-way) reproduces the single-process losses and weights, the methods' training steps read nothing back
+to the host, and a checkpoint fallback is announced by rank 0 alone.  (2-process DDP vs one process: tests/test_train_loop.py.)"""
 
 import gc
 import json
@@ -77,6 +77,45 @@ def test_parameters_start_as_rank0s_with_different_seeds(tmp_path):
         assert res["fsdp"]["sharded"] and res["fsdp"]["type"].startswith("FSDP")
         for mode in dist.MODES:
             assert res[mode]["equal_across_ranks"] and res[mode]["equal_to_rank0_init"], (mode, res)
+
+
+def _fallback_worker(rank, world, port, run_dir, result_path):
+    import warnings
+
+    import torch.distributed as tdist
+
+    from effkern.train import checkpoint as ckpt
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            saved, path = ckpt.load_for_resume(run_dir)
+    finally:
+        tdist.destroy_process_group()
+    with open(f"{result_path}.{rank}", "w") as f:
+        json.dump({"path": path, "step": saved["state"]["step"],
+                   "fallback_warnings": [str(w.message) for w in caught
+                                         if issubclass(w.category, ckpt.CheckpointFallbackWarning)]}, f)
+
+
+def test_checkpoint_fallback_warning_only_on_rank0(tmp_path):
+    """Every rank resumes from checkpoint.prev.pt when checkpoint.pt is damaged; only rank 0 says so."""
+    from effkern.train import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpt.save_atomic({"cfg": {}, "state": {"step": 3}, "method": {}, "optimizer": {}, "rng": ckpt.rng_state(),
+                      "history": []}, str(run_dir), name=ckpt.PREVIOUS)
+    (run_dir / ckpt.CHECKPOINT).write_bytes(b"")  # a save killed mid-write
+    path = str(tmp_path / "fallback")
+    mp.spawn(_fallback_worker, args=(2, _free_port(), str(run_dir), path), nprocs=2, join=True)
+    results = [json.load(open(f"{path}.{r}")) for r in range(2)]
+    for res in results:
+        assert res["path"] == str(run_dir / ckpt.PREVIOUS) and res["step"] == 3, res
+    assert len(results[0]["fallback_warnings"]) == 1 and "resuming from" in results[0]["fallback_warnings"][0]
+    assert results[1]["fallback_warnings"] == []
 
 
 def _train_worker(rank, world, port, cfg_dict):

@@ -16,7 +16,8 @@ read and is removed by the next save.
 
 ``load_for_resume`` reads ``checkpoint.pt``; if that file is missing or unreadable
 (truncated, empty, garbage, another program's pickle) it falls back to
-``checkpoint.prev.pt`` with a :class:`CheckpointFallbackWarning`.  When no usable
+``checkpoint.prev.pt`` with a :class:`CheckpointFallbackWarning` (on rank 0 only
+under torchrun: every rank reads the same files and falls back alike).  When no usable
 checkpoint is left, or the checkpoint belongs to another run configuration
 (method, model, model/method arguments, image size), it raises
 :class:`CheckpointError` (a ValueError): one line naming the file and the reason.
@@ -36,6 +37,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from effkern.train import dist
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -178,8 +181,8 @@ def check_compatible(saved: dict, cfg: dict, path: str) -> None:
 def load_for_resume(directory: str, cfg: dict | None = None, map_location="cpu") -> tuple[dict, str]:
     """(checkpoint dict, path) of the newest usable checkpoint in ``directory``.
 
-    Falls back from checkpoint.pt to checkpoint.prev.pt (CheckpointFallbackWarning) when
-    the former is missing or unreadable; CheckpointError when none is usable or the
+    Falls back from checkpoint.pt to checkpoint.prev.pt (CheckpointFallbackWarning, on rank 0
+    only) when the former is missing or unreadable; CheckpointError when none is usable or the
     checkpoint belongs to another configuration (``cfg``: the run's TrainConfig dict).
     """
     files = require(directory)
@@ -193,7 +196,7 @@ def load_for_resume(directory: str, cfg: dict | None = None, map_location="cpu")
         if cfg is not None:
             check_compatible(saved, cfg, path)
         latest = os.path.join(directory, CHECKPOINT)
-        if path != latest:
+        if path != latest and dist.rank() == 0:  # one warning per run, not one per rank
             reason = errors[0] if errors else f"{latest} is missing (a save was interrupted)"
             warnings.warn(f"{reason}; resuming from {path} (step {saved['state'].get('step')})",
                           CheckpointFallbackWarning, stacklevel=2)
