@@ -11,7 +11,8 @@ import torch
 
 import effkern
 from effkern.ops import varlen_attention, varlen_attention_qkvpacked
-from oracles_attention import make_cu_seqlens, rel_err, varlen_attention_oracle
+from oracles import rel_err
+from oracles_attention import make_cu_seqlens, varlen_attention_oracle
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -114,6 +115,18 @@ def test_nonfinite_input_on_run_path_follows_math_path(value):
     assert torch.equal(torch.isnan(out), torch.isnan(want))
     assert torch.isnan(out[:6]).any()
     assert rel_err(out[6:], want[6:]) < 1e-5
+    packed = varlen_attention_qkvpacked(torch.stack([q, k, v], 1), cu, m)  # finiteness read off qkv
+    assert torch.equal(torch.isnan(packed), torch.isnan(want))
+    if value == value:  # not NaN: the backward is checked for NaN only (with inf, the math
+        return          # path's and the oracle's autograd formulas differ between inf and NaN)
+    dout = torch.randn(packed.shape, generator=torch.Generator().manual_seed(1))
+    dout[7, 0, 0] = value  # a non-finite output gradient in the clean sequence
+    qkv = torch.stack([q, k, v], 1).detach().requires_grad_()
+    ref = torch.stack([t.detach().double().requires_grad_() for t in (q, k, v)], 1)
+    (got,) = torch.autograd.grad(varlen_attention_qkvpacked(qkv, cu, m), qkv, dout)
+    want_out = varlen_attention_oracle(*ref.unbind(1), cu)
+    (want_g,) = torch.autograd.grad(want_out, ref, dout.double())
+    assert torch.equal(torch.isnan(got), torch.isnan(want_g))
 
 
 def test_many_random_sequences(poisoned):

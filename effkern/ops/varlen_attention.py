@@ -96,7 +96,9 @@ def _launch_args(q, cu_seqlens, max_seqlen):
     return cu_seqlens, max(0, min(int(max_seqlen), q.shape[0]))
 
 
-def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
+def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale, finite_of=None):
+    """``finite_of``: the tensors whose finiteness stands for q, k, v on the CPU path
+    (the packed op's contiguous qkv: one read instead of three strided ones)."""
     total, heads, head_dim = q.shape
     cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
     out = _alloc((total, heads, head_dim), q)
@@ -106,18 +108,20 @@ def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
     elif _use_triton(q):
         _kernels().forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
     else:
-        _ref.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
+        finite = _ref.all_finite(*finite_of) if finite_of else None
+        _ref.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse, finite=finite)
     return out, lse
 
 
-def _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv):
+def _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv, finite_of=None):
     cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
     if _flash.selected(q):
         _flash.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
     elif _use_triton(q):
         _kernels().backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
     else:
-        _ref.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
+        finite = _ref.all_finite(*finite_of) if finite_of else None
+        _ref.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv, finite=finite)
 
 
 def _fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -132,14 +136,14 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
 
 def _packed_fwd_impl(qkv, cu_seqlens, max_seqlen, scale):
     q, k, v = qkv.unbind(1)  # strided views, read in place
-    return _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale, finite_of=(qkv,))
 
 
 def _packed_bwd_impl(dout, qkv, out, lse, cu_seqlens, max_seqlen, scale):
     dqkv = _alloc(qkv.shape, qkv)
     q, k, v = qkv.unbind(1)
     dq, dk, dv = dqkv.unbind(1)  # the kernels write straight into the packed buffer
-    _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
+    _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv, finite_of=(qkv, out, dout))
     return dqkv
 
 
