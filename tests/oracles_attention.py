@@ -25,9 +25,3 @@ def make_cu_seqlens(lengths, device="cpu"):
     for n in lengths:
         cu.append(cu[-1] + int(n))
     return torch.tensor(cu, dtype=torch.int32, device=device)
-
-
-def rel_err(a, b) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    d = b.norm().item()
-    return (a - b).norm().item() / d if d > 0 else (a - b).norm().item()

@@ -10,7 +10,8 @@ import torch
 import effkern
 from effkern.kernels import varlen_attn_torch as flash
 from effkern.ops import varlen_attention, varlen_attention_qkvpacked
-from oracles_attention import make_cu_seqlens, rel_err, varlen_attention_oracle
+from oracles import rel_err
+from oracles_attention import make_cu_seqlens, varlen_attention_oracle
 from conftest import requires_cuda
 
 

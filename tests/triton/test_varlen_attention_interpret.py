@@ -15,7 +15,8 @@ import torch
 
 import effkern
 from effkern.ops import varlen_attention, varlen_attention_qkvpacked
-from oracles_attention import make_cu_seqlens, rel_err, varlen_attention_oracle
+from oracles import rel_err
+from oracles_attention import make_cu_seqlens, varlen_attention_oracle
 
 va_module = importlib.import_module("effkern.ops.varlen_attention")  # the module, not the function
 
