@@ -26,13 +26,9 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E4
 import effkern  # noqa: E402
 from effkern.ops import patch_embed, sample_keep  # noqa: E402
 from effkern.reference import patch_embed as ref  # noqa: E402
+from oracles import rel_err  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 @pytest.fixture
@@ -102,21 +98,21 @@ def test_matches_timm_float64(timm64, case, ragged):
     out = patch_embed(x, w, b, p, pos, keep_idx, cu)
     exp = oracle(x, w, b, p, pos, keep_idx, cu)
     assert out.shape == exp.shape and out.dtype == dt
-    assert rel(out, exp) < 1e-12
+    assert rel_err(out, exp) < 1e-12
 
     g = torch.randn(out.shape, dtype=dt, generator=gen)
     params = [t for t in (x, w, b, pos) if t is not None]
     got = torch.autograd.grad(out, params, g)
     want = torch.autograd.grad(exp, params, g)
     for name, a, e in zip(("images", "weight", "bias", "pos_embed"), got, want):
-        assert rel(a, e) < 1e-11, name
+        assert rel_err(a, e) < 1e-11, name
 
 
 def test_weight_resize_matches_timm_fp32():
     w = torch.randn(32, 3, 16, 16)
     for p in (8, 12, 16, 24, 32, 48):
         ours = ref.resize_weight(w, p).reshape(32, 3, p, p)
-        assert rel(ours, resample_patch_embed(w, [p, p])) < 1e-5
+        assert rel_err(ours, resample_patch_embed(w, [p, p])) < 1e-5
 
 
 def test_pos_resize_matches_timm_fp32():
@@ -124,7 +120,7 @@ def test_pos_resize_matches_timm_fp32():
     for grid in ((7, 7), (14, 14), (9, 6), (21, 21), (2, 5)):
         ours = ref.resize_pos(pos, grid)
         theirs = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=0)
-        assert rel(ours, theirs[0]) < 1e-6, grid
+        assert rel_err(ours, theirs[0]) < 1e-6, grid
 
 
 def test_resize_matrix_cached():
@@ -144,7 +140,7 @@ def test_fp32_close_to_timm():
     y = F.conv2d(x, w12, b, stride=12).flatten(2).transpose(1, 2)
     y = y + resample_abs_pos_embed(pos, [4, 4], num_prefix_tokens=0)
     y = y[torch.repeat_interleave(torch.arange(2), cu.diff().long()), keep_idx]
-    assert out.dtype == torch.float32 and rel(out, y) < 1e-5
+    assert out.dtype == torch.float32 and rel_err(out, y) < 1e-5
 
 
 def test_dropped_patches_never_read():
@@ -162,7 +158,7 @@ def test_dropped_patches_never_read():
     w = torch.randn(D, C, 16, 16, dtype=torch.float64, generator=gen, requires_grad=True)
     out = patch_embed(x, w, None, p, None, keep_idx, cu)
     assert torch.isfinite(out).all()
-    assert rel(out, patch_embed(clean, w, None, p, None, keep_idx, cu)) < 1e-14
+    assert rel_err(out, patch_embed(clean, w, None, p, None, keep_idx, cu)) < 1e-14
     (gw,) = torch.autograd.grad(out.sum(), [w])
     assert torch.isfinite(gw).all()
 
@@ -183,7 +179,7 @@ def test_empty_segments_and_int32_index(timm64):
     keep_idx = torch.tensor([0, 5, 15, 2], dtype=torch.int32)
     cu = torch.tensor([0, 3, 3, 4], dtype=torch.int32)  # image 1 keeps nothing
     out = patch_embed(x, w, None, 4, None, keep_idx, cu)
-    assert rel(out, oracle(x, w, None, 4, None, keep_idx, cu)) < 1e-13
+    assert rel_err(out, oracle(x, w, None, 4, None, keep_idx, cu)) < 1e-13
 
 
 def test_gradcheck():
@@ -248,11 +244,11 @@ def test_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = compiled(x, w, b, pos, keep_idx, cu)
     exp = f(x, w, b, pos, keep_idx, cu)
-    assert rel(out, exp) < 1e-6
+    assert rel_err(out, exp) < 1e-6
     ga = torch.autograd.grad(out.square().sum(), [w, b, pos])
     ge = torch.autograd.grad(exp.square().sum(), [w, b, pos])
     for a, e in zip(ga, ge):
-        assert rel(a, e) < 1e-5
+        assert rel_err(a, e) < 1e-5
 
 
 def test_autocast_bf16_cpu():
@@ -266,11 +262,11 @@ def test_autocast_bf16_cpu():
         out = patch_embed(x, w, b, 12, pos, keep_idx, cu)
     assert out.dtype == torch.bfloat16
     exp = patch_embed(x, w, b, 12, pos, keep_idx, cu)
-    assert rel(out, exp) < 2e-2
+    assert rel_err(out, exp) < 2e-2
     gw, gb, gp = torch.autograd.grad(out.float().sum(), [w, b, pos])
     assert gw.dtype == gb.dtype == gp.dtype == torch.float32
     ew, eb, ep = torch.autograd.grad(exp.sum(), [w, b, pos])
-    assert rel(gw, ew) < 2e-2 and rel(gb, eb) < 1e-6 and rel(gp, ep) < 1e-6
+    assert rel_err(gw, ew) < 2e-2 and rel_err(gb, eb) < 1e-6 and rel_err(gp, ep) < 1e-6
 
 
 def _good():
@@ -341,10 +337,10 @@ def test_cuda_matches_oracle(timm64, dtype):
     dev = [t.detach().to("cuda", dtype).requires_grad_() for t in (x, w, b, pos)]
     out = patch_embed(dev[0], dev[1], dev[2], p, dev[3], keep_idx.cuda(), cu.cuda())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert rel(out, exp) < tol
+    assert rel_err(out, exp) < tol
     got = torch.autograd.grad(out, dev, g.to("cuda", dtype))
     for a, e in zip(got, want):
-        assert rel(a, e) < tol
+        assert rel_err(a, e) < tol
 
 
 def test_schemas():
