@@ -2,39 +2,48 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def _bench(argv: list[str]) -> int:
+    import os
+
     from effkern import bench
-    from effkern.bench.common import environment, format_table, write_results
+    from effkern.bench.common import environment, format_table, int_at_least, write_results
+    from effkern.cli_train import _check_device, _Parser
 
     names = bench.available()
-    parser = argparse.ArgumentParser(prog="effkern bench", description="Microbenchmarks against peers.")
+    parser = _Parser(prog="effkern bench", description="Microbenchmarks against peers.")
     parser.add_argument("name", help=f"one of: {', '.join(names)}")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (median reported)")
+    parser.add_argument("--repeat", type=int_at_least(1), default=10,
+                        help="timed calls per measurement (median reported)")
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md with the table")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="CPU threads (torch.set_num_threads; 1 = what a DataLoader worker gets)")
-    if argv and argv[0] in names:
-        bench.load(argv[0]).add_arguments(parser)
-    args = parser.parse_args(argv)
     try:
+        if argv and not argv[0].startswith("-"):
+            bench.load(argv[0]).add_arguments(parser)  # its options, before they are parsed
+        args = parser.parse_args(argv)
         module = bench.load(args.name)
+        if args.device is not None:
+            _check_device("--device", args.device)
+        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise ValueError(f"--out {args.out}: the directory {os.path.dirname(os.path.abspath(args.out))} "
+                             "does not exist")
     except ValueError as exc:
         parser.error(str(exc))
     import torch
 
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    rows = module.run(args)
+    try:
+        rows = module.run(args)
+    except ValueError as exc:  # effkern's own argument checks on a combination of options
+        parser.error(str(exc))
     title = f"effkern bench {args.name} on {environment(device)['device_name']} ({device})"
     extra_cols = getattr(module, "TABLE_EXTRA", ())
     print(format_table(rows, title, extra_cols=extra_cols))

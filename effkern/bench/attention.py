@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from effkern.bench.common import Row, rel_err, time_fn
+from effkern.bench.common import Row, comma_list, int_at_least, keep_ratio, rel_err, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"vit-s": (6, 64), "vit-b": (12, 64), "vit-l": (16, 64), "vit-h": (16, 80)}
@@ -43,14 +43,18 @@ PEERS = ("sdpa", "varlen", "flex")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=None, help="images per batch (CUDA 256, CPU 8)")
+    parser.add_argument("--batch", type=int_at_least(1), default=None, help="images per batch (CUDA 256, CPU 8)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="CUDA bf16, CPU fp32")
-    parser.add_argument("--models", default=None, help="comma list of vit-s,vit-b,vit-l,vit-h "
+    parser.add_argument("--models", type=comma_list(str, f"one of {', '.join(MODELS)}", MODELS.__contains__),
+                        default=None, help="comma list of vit-s,vit-b,vit-l,vit-h "
                         "(CUDA all; CPU vit-s,vit-b)")
-    parser.add_argument("--keeps", default=None, help="comma list of keep ratios (CUDA 1,0.75,0.5,0.25; CPU 1,0.5)")
+    parser.add_argument("--keeps", type=comma_list(float, "a keep ratio in (0, 1]", keep_ratio), default=None,
+                        help="comma list of keep ratios (CUDA 1,0.75,0.5,0.25; CPU 1,0.5)")
     parser.add_argument("--no-dino", action="store_true", help="skip the DINO multi-crop workload")
-    parser.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
-    parser.add_argument("--peers", default=None, help="comma list of sdpa,varlen,flex (CUDA all; CPU sdpa)")
+    parser.add_argument("--modes", type=comma_list(str, "fwd or fwdbwd", ("fwd", "fwdbwd").__contains__),
+                        default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+    parser.add_argument("--peers", type=comma_list(str, f"one of {', '.join(PEERS)}", PEERS.__contains__),
+                        default=None, help="comma list of sdpa,varlen,flex (CUDA all; CPU sdpa)")
     parser.add_argument("--no-peers", action="store_true", help="time effkern only")
     parser.add_argument("--seed", type=int, default=0)
 

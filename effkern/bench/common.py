@@ -1,4 +1,5 @@
-"""Shared pieces of ``effkern bench``: timing, bandwidth ceilings, tables, JSON.
+"""Shared pieces of ``effkern bench``: timing, bandwidth ceilings, tables, JSON, and the
+argparse types of the benchmarks' options (a bad value is one line naming the option).
 
 Timing protocol: warm-up calls first (compilation, caches, allocator), then
 ``repeat`` timed calls; the median is reported.  On CUDA each call is timed with
@@ -8,6 +9,7 @@ Inputs should be random (never zeros) and, for cache-sized problems, rotated.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,6 +36,44 @@ class Row:
     rel_err: float | None = None       # vs the float64 oracle
     ratios: dict = field(default_factory=dict)  # peer name -> peer_ms / our_ms (>1: we are faster)
     extra: dict = field(default_factory=dict)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an int >= ``low`` (argparse names the option in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def comma_list(kind: Callable[[str], object], what: str, ok: Callable[[object], bool]) -> Callable[[str], str]:
+    """argparse type: a comma list (``1,0.5``) whose every item converts with ``kind`` and
+    passes ``ok``, else an error naming the item and ``what`` it must be.  The text is
+    returned unchanged (the benchmark splits it when it fills in its defaults)."""
+
+    def parse(text: str) -> str:
+        for item in str(text).split(","):
+            try:
+                value = kind(item.strip())
+            except ValueError:
+                value = None
+            if value is None or not ok(value):
+                where = "" if item == text else f" (in {text!r})"
+                raise argparse.ArgumentTypeError(f"{item.strip()!r}{where} is not {what}")
+        return text
+
+    return parse
+
+
+def keep_ratio(value: float) -> bool:
+    return 0.0 < value <= 1.0
 
 
 def synchronize(device: torch.device) -> None:

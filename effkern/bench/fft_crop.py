@@ -26,18 +26,21 @@ import torch
 import torch.nn.functional as F
 
 from effkern import _native
-from effkern.bench.common import Row, measured_copy_bandwidth, rel_err, time_fn
+from effkern.bench.common import Row, int_at_least, measured_copy_bandwidth, rel_err, time_fn
 from effkern.ops import fft_crop
 
 GPU_BATCH, CPU_BATCH = 256, 64
 SIZES = (96, 128, 160, 192)
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--batch", type=int, default=None, help=f"images (default {GPU_BATCH} GPU, {CPU_BATCH} CPU)")
-    parser.add_argument("--res", type=int, default=224, help="input resolution H = W")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="crop sizes")
-    parser.add_argument("--dtypes", nargs="+", default=None, help="float32 bfloat16 ... (default: fp32, +bf16 on GPU)")
+    parser.add_argument("--batch", type=int_at_least(1), default=None,
+                        help=f"images (default {GPU_BATCH} GPU, {CPU_BATCH} CPU)")
+    parser.add_argument("--res", type=int_at_least(1), default=224, help="input resolution H = W")
+    parser.add_argument("--sizes", type=int_at_least(1), nargs="+", default=list(SIZES), help="crop sizes")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, default=None,
+                        help="float32 bfloat16 ... (default: fp32, +bf16 on GPU)")
 
 
 def torch_fft_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

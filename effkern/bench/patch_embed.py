@@ -29,19 +29,30 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from effkern.bench.common import Row, measured_copy_bandwidth, rel_err, time_fn
+from effkern.bench.common import Row, comma_list, int_at_least, keep_ratio, measured_copy_bandwidth, rel_err, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _config(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.lower().split("x"))
+
+
+def _config_ok(config: tuple[int, ...]) -> bool:
+    return len(config) == 2 and config[1] >= 1 and config[0] >= config[1] and config[0] % config[1] == 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=None, help="images per batch (CUDA 256, CPU 8)")
+    parser.add_argument("--batch", type=int_at_least(1), default=None, help="images per batch (CUDA 256, CPU 8)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="CUDA bf16, CPU fp32")
-    parser.add_argument("--dim", type=int, default=768, help="embedding dim D (ViT-B: 768)")
-    parser.add_argument("--configs", default=None,
+    parser.add_argument("--dim", type=int_at_least(1), default=768, help="embedding dim D (ViT-B: 768)")
+    parser.add_argument("--configs", type=comma_list(_config, "IMGxP with P >= 1 dividing IMG", _config_ok),
+                        default=None,
                         help="comma list of IMGxP, e.g. 224x16,240x24 (CUDA: 224x16,224x32,240x24,240x48)")
-    parser.add_argument("--keeps", default=None, help="comma list of keep ratios (CUDA 1,0.75,0.5,0.25; CPU 1,0.5)")
-    parser.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+    parser.add_argument("--keeps", type=comma_list(float, "a keep ratio in (0, 1]", keep_ratio), default=None,
+                        help="comma list of keep ratios (CUDA 1,0.75,0.5,0.25; CPU 1,0.5)")
+    parser.add_argument("--modes", type=comma_list(str, "fwd or fwdbwd", ("fwd", "fwdbwd").__contains__),
+                        default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     parser.add_argument("--no-peers", action="store_true", help="time effkern only")
 
 
@@ -50,7 +61,7 @@ def _defaults(args, device: torch.device):
     batch = args.batch or (256 if gpu else 8)
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     configs = args.configs or ("224x16,224x32,240x24,240x48" if gpu else "224x16,240x24")
-    configs = [tuple(int(v) for v in c.lower().split("x")) for c in configs.split(",")]
+    configs = [_config(c) for c in configs.split(",")]
     keeps = [float(k) for k in (args.keeps or ("1,0.75,0.5,0.25" if gpu else "1,0.5")).split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     return batch, dtype, configs, keeps, modes

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from effkern.bench.common import Row, time_fn
+from effkern.bench.common import Row, comma_list, int_at_least, keep_ratio, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {
@@ -55,14 +55,17 @@ TABLE_EXTRA = ("images_per_s", "peak_mem_mib", "predicted_speedup", "measured/pr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=None, help="images per step (CUDA 256, CPU 4)")
+    parser.add_argument("--batch", type=int_at_least(1), default=None, help="images per step (CUDA 256, CPU 4)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="autocast dtype; fp32 = no autocast (CUDA bf16, CPU fp32)")
-    parser.add_argument("--models", default=None,
+    parser.add_argument("--models", type=comma_list(str, f"one of {', '.join(MODELS)}", MODELS.__contains__),
+                        default=None,
                         help=f"comma list of {','.join(MODELS)} (CUDA vit_s16,vit_b16; CPU vit_ti16_d2)")
-    parser.add_argument("--img", type=int, default=None, help="image size (CUDA 224, CPU 96)")
-    parser.add_argument("--keeps", default=None, help="keep ratios at p16 (CUDA 1,0.75,0.5,0.25; CPU 1,0.5,0.25)")
-    parser.add_argument("--patches", default=None, help="patch sizes at keep 1 (CUDA 24,32; CPU 32)")
+    parser.add_argument("--img", type=int_at_least(1), default=None, help="image size (CUDA 224, CPU 96)")
+    parser.add_argument("--keeps", type=comma_list(float, "a keep ratio in (0, 1]", keep_ratio), default=None,
+                        help="keep ratios at p16 (CUDA 1,0.75,0.5,0.25; CPU 1,0.5,0.25)")
+    parser.add_argument("--patches", type=comma_list(int, "a patch size >= 1", lambda p: p >= 1), default=None,
+                        help="patch sizes at keep 1 (CUDA 24,32; CPU 32)")
     parser.add_argument("--no-multiview", action="store_true", help="skip the MoCo and DINO settings")
     parser.add_argument("--seed", type=int, default=0)
 
