@@ -211,8 +211,8 @@ def config_from_args(args):
         weight_decay_end=args.weight_decay_end, clip_grad=args.clip_grad,
         warmup=args.warmup, lr_schedule=args.lr_schedule, device=args.device, seed=args.seed,
         workers=args.workers, out_dir=args.out, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
-        log_every=args.log_every, linear_probe=args.linear_probe, resume=args.resume, compile=args.compile, fsdp=args.fsdp, progress_bar=not args.no_progress,
-        calibration=args.calibration)
+        log_every=args.log_every, linear_probe=args.linear_probe, resume=args.resume, compile=args.compile,
+        fsdp=args.fsdp, progress_bar=not args.no_progress, calibration=args.calibration)
 
 
 def train_main(argv: list[str]) -> int:
@@ -272,7 +272,8 @@ def schedule_main(argv: list[str]) -> int:
         try:
             _check_device("--device", args.device)
             _check_model("--model", args.model)
-            _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(), "timm VisionTransformer")
+            _check_kwargs("--model-arg", _kv(args.model_arg, "--model-arg"), _model_defaults(),
+                          "timm VisionTransformer")
             for option in ("base_size", "batch", "repeat"):
                 if getattr(args, option) < 1:
                     raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")

@@ -1,7 +1,8 @@
 """Data parallelism (effkern/train/dist.py) on 2 gloo processes: parameters start as
 rank 0's whatever each rank's seed (DDP and FSDP2), FSDP2 training (stopped and
-resumed half-way) reproduces the single-process losses and weights, the methods' training steps read nothing back
-to the host, and a checkpoint fallback is announced by rank 0 alone.  (2-process DDP vs one process: tests/test_train_loop.py.)"""
+resumed half-way) reproduces the single-process losses and weights, the methods'
+training steps read nothing back to the host, and a checkpoint fallback is announced
+by rank 0 alone.  (2-process DDP vs one process: tests/test_train_loop.py.)"""
 
 import gc
 import json
