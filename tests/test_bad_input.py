@@ -429,7 +429,7 @@ BENCH_CASES = [
     (["vit", "--img", "-3"], "argument --img: must be >= 1, got -3"),
     (["vit", "--keeps", "1,2"], "argument --keeps: '2' (in '1,2') is not a keep ratio in (0, 1]"),
     (["vit", "--keeps", "nan"], "argument --keeps: 'nan' is not a keep ratio in (0, 1]"),
-    (["vit", "--models", "vit_q"], "argument --models: 'vit_q' is not one of vit_s16, vit_b16, vit_ti16_d2"),
+    (["vit", "--models", "vit_q"], "argument --models: 'vit_q' is not one of vit_s16, vit_b16, vit_ti16_d6, vit_ti16_d2"),
     (["vit", "--patches", "32,"], "argument --patches: '' (in '32,') is not a patch size >= 1"),
     (["attention", "--modes", "bwd"], "argument --modes: 'bwd' is not fwd or fwdbwd"),
     (["attention", "--peers", "sdpa,cudnn"], "argument --peers: 'cudnn' (in 'sdpa,cudnn') is not one of sdpa,"),

@@ -10,7 +10,8 @@ import pkgutil
 def available() -> list[str]:
     import effkern.bench as pkg
 
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name != "common" and not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                  if m.name != "common" and not m.name.startswith("_"))
 
 
 def load(name: str):

@@ -1,0 +1,57 @@
+"""``effkern bench vit`` and ``effkern bench step`` end to end at toy sizes: every setting
+is timed, the peers and predictions are attached, the breakdown adds up."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("timm")
+
+from effkern.cli import main  # noqa: E402
+
+
+def _table(capsys) -> list[list[str]]:
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_bench_vit_interleaved_rows(tmp_path, capsys):
+    out = tmp_path / "vit"
+    assert main(["bench", "vit", "--device", "cpu", "--models", "vit_ti16_d2", "--img", "32", "--batch", "2",
+                 "--keeps", "1,0.5", "--patches", "32", "--combos", "16:0.25", "--repeat", "2", "--breakdown",
+                 "--out", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    shapes = [r["shape"] for r in rows]
+    assert any("moco" in s and "one 2B batch" in s for s in shapes)
+    assert any("dino" in s and "global keep0.5" in s for s in shapes)
+    for r in rows:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0, r
+        assert r["extra"]["ms_min"] <= r["ms"] <= r["extra"]["ms_max"]
+        assert r["extra"]["peak_mem_mib"] > 0
+        parts = [r["extra"][k] for k in ("t_embed", "t_attention", "t_matmul", "t_norm_act", "t_gather", "t_other")]
+        assert all(p >= 0 for p in parts) and sum(parts) > 0
+        if r["impl"] == "effkern":  # every effkern setting has its timm peer and a FLOP prediction
+            assert r["ratios"]["timm"] > 0 and r["extra"]["predicted_speedup"] >= 1.0
+            assert r["extra"]["measured/predicted"] == pytest.approx(
+                r["ratios"]["timm"] / r["extra"]["predicted_speedup"])
+    keep = {r["shape"].split()[-1]: r for r in rows if r["impl"] == "effkern" and "moco" not in r["shape"]
+            and "dino" not in r["shape"] and " p16 " in r["shape"] + " "}
+    assert keep["keep0.5"]["extra"]["predicted_speedup"] > keep["keep1"]["extra"]["predicted_speedup"]
+    assert (out.with_suffix(".md")).read_text().count("| vit_ti16_d2") == len(rows)
+
+
+def test_bench_step_schedules_interleaved(capsys):
+    assert main(["bench", "step", "--device", "cpu", "--data", "digits", "--size", "16", "--batch", "8",
+                 "--limit-train", "128", "--schedules", "none;const:keep=0.5", "--repeat", "1", "--breakdown"]) == 0
+    rows = _table(capsys)
+    header, body = rows[0], rows[1:]
+    assert len(body) == 2 and body[0][0].endswith("none") and body[1][0].endswith("const:keep=0.5")
+    col = {name: i for i, name in enumerate(header)}
+    assert body[0][col["vs baseline"]] == "" and body[1][col["vs baseline"]].endswith("x")
+    assert float(body[1][col["predicted_speedup"]]) > 1.2  # keep 0.5 of 16 tokens per view, heads included
+    for row in body:
+        assert float(row[col["ms"]]) > 0 and float(row[col["data_ms"]]) > 0 and float(row[col["t_optimizer"]]) > 0
