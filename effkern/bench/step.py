@@ -84,7 +84,8 @@ def _runs(args, device):
     out = tempfile.mkdtemp(prefix="effkern-bench-step-")
     runs = {}
     for schedule in split_schedules(args.schedules):
-        cfg = TrainConfig(method=args.method, model=args.model, model_kwargs={} if depth is None else {"depth": depth},
+        model_kwargs = {} if depth is None else {"depth": depth}
+        cfg = TrainConfig(method=args.method, model=args.model, model_kwargs=model_kwargs,
                           data=args.data, base_size=args.size, limit_train=args.limit_train,
                           limit_test=max(args.batch, 64), epochs_equivalent=1000.0, schedule=schedule, batch_size=args.batch,
                           device=str(device), seed=args.seed, out_dir=os.path.join(out, str(len(runs))),
