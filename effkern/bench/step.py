@@ -88,7 +88,8 @@ def _runs(args, device):
         cfg = TrainConfig(method=args.method, model=args.model, model_kwargs=model_kwargs,
                           data=args.data, base_size=args.size, limit_train=args.limit_train,
                           limit_test=max(args.batch, 64), epochs_equivalent=1000.0, schedule=schedule,
-                          batch_size=args.batch, device=str(device), seed=args.seed, out_dir=os.path.join(out, str(len(runs))),
+                          batch_size=args.batch, device=str(device), seed=args.seed,
+                          out_dir=os.path.join(out, str(len(runs))),
                           progress_bar=False)
         runs[schedule] = Run(cfg)
     return runs
