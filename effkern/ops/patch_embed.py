@@ -28,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from effkern.backend import select
 from effkern.ops import _checks
+from effkern.ops._registration import forbid_double_backward
 from effkern.reference import patch_embed as _ref
 from effkern.ops.resize_pos_embed import resize_pos_embed
 
@@ -165,15 +166,7 @@ def _backward(ctx, grad):
 torch.library.register_autograd("effkern::patch_embed_fwd", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, grad):
-    # without an autograd kernel, torch would only warn and treat the backward ops as
-    # constants in a double backward: a silently wrong second derivative
-    raise RuntimeError("double backward through effkern patch_embed is not supported "
-                       "(its backward ops effkern::patch_embed_bwd_weight/_bwd_images have no derivative)")
-
-
-torch.library.register_autograd("effkern::patch_embed_bwd_weight", _no_double_backward)
-torch.library.register_autograd("effkern::patch_embed_bwd_images", _no_double_backward)
+forbid_double_backward("patch_embed", "patch_embed_bwd_weight", "patch_embed_bwd_images")
 
 
 # ---------------------------------------------------------------------------

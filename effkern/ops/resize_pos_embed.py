@@ -14,13 +14,14 @@ SymInt sizes, a fake kernel and its own backward op, the resize is opaque to the
 tracer and runs eagerly with real sizes.  The resize is linear, out = R pos with
 R (gh*gw, g0*g0) the interpolation of the basis images; the backward is R^T grad
 (R cached per sizes, device and dtype).  Double backward through it is not
-supported.
+supported: it raises a RuntimeError.
 """
 
 from __future__ import annotations
 
 import torch
 
+from effkern.ops._registration import forbid_double_backward
 from effkern.reference import patch_embed as _ref
 
 _lib = torch.library.Library("effkern", "FRAGMENT")
@@ -80,6 +81,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("effkern::resize_pos_embed", _backward, setup_context=_setup_context)
+forbid_double_backward("resize_pos_embed", "resize_pos_embed_backward")
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 from effkern.backend import select, triton_available
 from effkern.kernels import varlen_attn_torch as _flash  # the "flash" backend: torch's FlashAttention-2
 from effkern.ops import _checks
+from effkern.ops._registration import forbid_double_backward
 from effkern.reference import varlen_attention as _ref
 
 HEAD_DIM_RANGE = (8, 256)  # every head_dim in this range, inclusive, on every backend
@@ -220,6 +221,7 @@ def _packed_backward(ctx, dout, _dlse):
 torch.library.register_autograd("effkern::varlen_attention_fwd", _fwd_backward, setup_context=_fwd_setup)
 torch.library.register_autograd("effkern::varlen_attention_qkvpacked_fwd", _packed_backward,
                                 setup_context=_packed_setup)
+forbid_double_backward("varlen_attention", "varlen_attention_bwd", "varlen_attention_qkvpacked_bwd")
 
 
 # ------------------------------------------------------------------ validation + public API

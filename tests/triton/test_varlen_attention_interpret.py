@@ -126,3 +126,16 @@ def test_opcheck_triton_path():
     qkv = torch.stack([q, k, v], 1).detach().requires_grad_()
     torch.library.opcheck(ops.varlen_attention_qkvpacked_bwd,
                           (torch.randn_like(out), qkv.detach(), out.detach(), lse, cu, m, 0.2))
+
+
+def test_double_backward_raises_triton_path():
+    """The Triton backward ops have no derivative: a second-order grad raises (it used to
+    warn and treat them as constants: a silently wrong result)."""
+    q, k, v, cu, m = _inputs([3, 0, 6], 2, 16, seed=9)
+    qkv = torch.stack([q, k, v], 1).detach().requires_grad_()
+    for out, inputs in ((varlen_attention(q, k, v, cu, m), (q, k, v)),
+                        (varlen_attention_qkvpacked(qkv, cu, m), (qkv,))):
+        grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+        assert va_module._use_triton(inputs[0])
+        with pytest.raises(RuntimeError, match="double backward through effkern varlen_attention is not supported"):
+            torch.autograd.grad(grads[0].square().sum(), inputs, allow_unused=True)
