@@ -1,6 +1,8 @@
 """What every effkern op's torch.library registration must carry, checked over all ops
-(docs/architecture.md, "How an op is registered"): a backward op without a derivative
-raises in a double backward instead of returning a silently wrong second derivative."""
+(docs/architecture.md, "How an op is registered"): the pt2_compliant_tag on every schema
+(Python and C++), and a backward op without a derivative raises in a double backward
+instead of returning a silently wrong second derivative.  The tag on fft_crop's Python
+fallback schema (no extension) is checked in tests/test_package.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,24 @@ import effkern
 from effkern.ops import patch_embed, varlen_attention, varlen_attention_qkvpacked
 from effkern.ops.resize_pos_embed import resize_pos_embed
 from oracles_attention import make_cu_seqlens
+
+
+# every op in the effkern namespace: a new op must be added here (test_every_op_is_listed)
+ALL_OPS = ["fft_crop", "fft_crop_backward",
+           "patch_embed_fwd", "patch_embed_bwd_weight", "patch_embed_bwd_images",
+           "resize_pos_embed", "resize_pos_embed_backward",
+           "varlen_attention_fwd", "varlen_attention_bwd",
+           "varlen_attention_qkvpacked_fwd", "varlen_attention_qkvpacked_bwd"]
+
+
+def test_every_op_is_listed():
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("effkern::")}
+    assert registered == set(ALL_OPS)
+
+
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_pt2_compliant_tag(name):
+    assert torch.Tag.pt2_compliant_tag in getattr(torch.ops.effkern, name).default.tags
 
 
 def _gen(seed):

@@ -58,11 +58,13 @@ def test_import_without_extension_warns_and_falls_back():
             "print(sum('could not be loaded' in str(x.message) for x in w))\n"
             "print(effkern.build_info()['cpu_kernels'], effkern.build_info()['load_error'] is not None)\n"
             "x = torch.randn(1, 1, 8, 8, dtype=torch.float64)\n"
-            "print(float((effkern.ops.fft_crop(x, 4) - torch.ops.effkern.fft_crop(x, [4, 4])).abs().max()))\n")
+            "print(float((effkern.ops.fft_crop(x, 4) - torch.ops.effkern.fft_crop(x, [4, 4])).abs().max()))\n"
+            "print(all(torch.Tag.pt2_compliant_tag in getattr(torch.ops.effkern, n).default.tags\n"
+            "          for n in ('fft_crop', 'fft_crop_backward')))\n")  # the Python schema copy's tag
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
-    assert lines[:3] == ["1", "False", "True"] and float(lines[3]) < 1e-12, out.stdout
+    assert lines[:3] == ["1", "False", "True"] and float(lines[3]) < 1e-12 and lines[4] == "True", out.stdout
 
 
 def test_cli_lists_benchmarks_and_rejects_unknown():

@@ -7,10 +7,10 @@ with the input normalisation (x/255 - mean)/std for uint8 images, or
 (x - mean)/std for float images.  The map is linear, so its backward is its
 adjoint (``fft_crop_backward``).  Math and conventions: docs/ops.md.
 
-Schema: declared once in csrc/effkern.cpp (TORCH_LIBRARY); the copy below is
-used only when the compiled extension is missing, and a test checks that both
-are identical.  Kernels: csrc/cpu/fft_crop_cpu.cpp, csrc/cuda/fft_crop_*.{cpp,cu};
-PyTorch reference: effkern/reference/fft_crop.py.
+Schema: declared once in csrc/effkern_ops.cpp (TORCH_LIBRARY); the copy below is
+used only when the compiled extension is missing; tests check that both are
+identical and carry the pt2_compliant_tag.  Kernels: csrc/cpu/fft_crop_cpu.cpp,
+csrc/cuda/fft_crop_*.{cpp,cu}; PyTorch reference: effkern/reference/fft_crop.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from effkern import _native
 from effkern.backend import select
 from effkern.ops import _checks
+from effkern.ops._registration import PT2_COMPLIANT
 from effkern.reference import fft_crop as _ref
 
 SCHEMAS = {
@@ -33,7 +34,7 @@ INPUT_DTYPES = FLOAT_DTYPES + (torch.uint8,)
 _lib = torch.library.Library("effkern", "FRAGMENT")
 if _native._C is None:
     for _schema in SCHEMAS.values():
-        _lib.define(_schema)
+        _lib.define(_schema, tags=PT2_COMPLIANT)
 if not _native.has_cpu_kernels():
     _lib.impl("fft_crop", _ref.fft_crop, "CPU")
     _lib.impl("fft_crop_backward", _ref.fft_crop_backward, "CPU")

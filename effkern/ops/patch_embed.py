@@ -34,7 +34,7 @@ import torch
 
 from effkern.backend import select
 from effkern.ops import _checks
-from effkern.ops._registration import forbid_double_backward
+from effkern.ops._registration import PT2_COMPLIANT, forbid_double_backward
 from effkern.reference import patch_embed as _ref
 from effkern.ops.resize_pos_embed import resize_pos_embed
 
@@ -66,13 +66,11 @@ def _kernel_index(index: Optional[torch.Tensor], images: torch.Tensor) -> Option
 # ---------------------------------------------------------------------------
 
 _lib = torch.library.Library("effkern", "FRAGMENT")
-# the tag promises torch.compile that the ops pass opcheck (tests/test_patch_embed.py runs it)
-_TAGS = (torch.Tag.pt2_compliant_tag,)
 
 # -- effkern::patch_embed_fwd ------------------------------------------------
 
 _lib.define("patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos, Tensor? index, "
-            "SymInt patch_size) -> Tensor", tags=_TAGS)
+            "SymInt patch_size) -> Tensor", tags=PT2_COMPLIANT)
 
 
 def _fwd_impl(images, weight, bias, pos, index, patch_size):
@@ -95,7 +93,7 @@ def _fwd_fake(images, weight, bias, pos, index, patch_size):
 # -- effkern::patch_embed_bwd_weight -----------------------------------------
 
 _lib.define("patch_embed_bwd_weight(Tensor grad, Tensor images, Tensor? index, SymInt patch_size) -> Tensor",
-            tags=_TAGS)
+            tags=PT2_COMPLIANT)
 
 
 def _bwd_weight_impl(grad, images, index, patch_size):
@@ -116,7 +114,7 @@ def _bwd_weight_fake(grad, images, index, patch_size):
 # -- effkern::patch_embed_bwd_images -----------------------------------------
 
 _lib.define("patch_embed_bwd_images(Tensor grad, Tensor weight, Tensor? index, SymInt patch_size, "
-            "SymInt[] image_size) -> Tensor", tags=_TAGS)
+            "SymInt[] image_size) -> Tensor", tags=PT2_COMPLIANT)
 
 
 def _bwd_images_impl(grad, weight, index, patch_size, image_size):

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from effkern.ops._registration import forbid_double_backward
+from effkern.ops._registration import PT2_COMPLIANT, forbid_double_backward
 from effkern.reference import patch_embed as _ref
 
 _lib = torch.library.Library("effkern", "FRAGMENT")
-_lib.define("resize_pos_embed(Tensor pos, SymInt gh, SymInt gw) -> Tensor")
-_lib.define("resize_pos_embed_backward(Tensor grad, Tensor pos, SymInt gh, SymInt gw) -> Tensor")
+_lib.define("resize_pos_embed(Tensor pos, SymInt gh, SymInt gw) -> Tensor", tags=PT2_COMPLIANT)
+_lib.define("resize_pos_embed_backward(Tensor grad, Tensor pos, SymInt gh, SymInt gw) -> Tensor",
+            tags=PT2_COMPLIANT)
 
 
 def _forward(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 from effkern.backend import select, triton_available
 from effkern.kernels import varlen_attn_torch as _flash  # the "flash" backend: torch's FlashAttention-2
 from effkern.ops import _checks
-from effkern.ops._registration import forbid_double_backward
+from effkern.ops._registration import PT2_COMPLIANT, forbid_double_backward
 from effkern.reference import varlen_attention as _ref
 
 HEAD_DIM_RANGE = (8, 256)  # every head_dim in this range, inclusive, on every backend
@@ -58,7 +58,7 @@ SCHEMAS = {
 _lib = torch.library.Library("effkern", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
     if not hasattr(torch.ops.effkern, _name):  # defined once per process
-        _lib.define(_schema)
+        _lib.define(_schema, tags=PT2_COMPLIANT)
 
 
 def _debug() -> bool:
