@@ -103,19 +103,21 @@ def test_zero_copy_runs_and_gather_path_match_oracle(layout, dtype, poisoned):
     assert rel_err(dqkv, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
-def test_nonfinite_input_on_run_path_follows_math_path(value):
-    """inf / NaN inputs on equal-length (zero-copy) layouts leave the fused kernel: the
-    output's NaN pattern is the oracle's, the other sequence stays exact."""
+def test_nonfinite_input_on_run_path_follows_math_path(where, value):
+    """inf / NaN inputs on equal-length (zero-copy) layouts: the output's NaN pattern is
+    the oracle's (ATen's fused kernel alone would zero a query row holding a NaN), the
+    other sequence stays exact; unpacked and packed; backward for NaN inputs."""
     q, k, v, cu, m = _inputs([6, 6], 2, 32, seed=11)
     with torch.no_grad():
-        q[2, 1, 5] = value  # ATen's fused CPU kernel would zero this row instead
+        {"q": q, "k": k, "v": v}[where][2, 1, 5] = value
     out = varlen_attention(q, k, v, cu, m)
     want = varlen_attention_oracle(q, k, v, cu)
     assert torch.equal(torch.isnan(out), torch.isnan(want))
-    assert torch.isnan(out[:6]).any()
+    assert not torch.isfinite(out[:6]).all()
     assert rel_err(out[6:], want[6:]) < 1e-5
-    packed = varlen_attention_qkvpacked(torch.stack([q, k, v], 1), cu, m)  # finiteness read off qkv
+    packed = varlen_attention_qkvpacked(torch.stack([q, k, v], 1), cu, m)
     assert torch.equal(torch.isnan(packed), torch.isnan(want))
     if value == value:  # not NaN: the backward is checked for NaN only (with inf, the math
         return          # path's and the oracle's autograd formulas differ between inf and NaN)
@@ -127,6 +129,32 @@ def test_nonfinite_input_on_run_path_follows_math_path(value):
     want_out = varlen_attention_oracle(*ref.unbind(1), cu)
     (want_g,) = torch.autograd.grad(want_out, ref, dout.double())
     assert torch.equal(torch.isnan(got), torch.isnan(want_g))
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "out", "dout"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_fused_cpu_backward_propagates_like_the_math_path(where, value):
+    """The claim that lets the CPU backward skip any finiteness test: given the same out
+    and lse, ATen's fused backward puts NaN exactly where the plain-matmul backward does."""
+    from effkern.reference import varlen_attention as ref
+
+    if ref._flash_cpu(torch.zeros(1)) is None:
+        pytest.skip("this torch has no fused CPU attention")
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(2, 3, 7, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    if where in "qkv":
+        {"q": q, "k": k, "v": v}[where][1, 2, 3, 4] = value
+    out, lse = ref._group_forward(q, k, v, 0.25, fused=False)
+    if where == "out":
+        out[1, 2, 3, 4] = value
+    if where == "dout":
+        dout[1, 2, 3, 4] = value
+    math_grads = ref._group_backward(dout, q, k, v, out, lse, 0.25, fused=False)
+    fused_grads = ref._group_backward(dout, q, k, v, out, lse, 0.25, fused=True)
+    for a, b in zip(math_grads, fused_grads):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        assert rel_err(b[finite], a[finite]) < 1e-10
 
 
 def test_many_random_sequences(poisoned):

@@ -97,9 +97,7 @@ def _launch_args(q, cu_seqlens, max_seqlen):
     return cu_seqlens, max(0, min(int(max_seqlen), q.shape[0]))
 
 
-def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale, finite_of=None):
-    """``finite_of``: the tensors whose finiteness stands for q, k, v on the CPU path
-    (the packed op's contiguous qkv: one read instead of three strided ones)."""
+def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
     total, heads, head_dim = q.shape
     cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
     out = _alloc((total, heads, head_dim), q)
@@ -109,20 +107,18 @@ def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale, finite_of=None):
     elif _use_triton(q):
         _kernels().forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
     else:
-        finite = _ref.all_finite(*finite_of) if finite_of else None
-        _ref.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse, finite=finite)
+        _ref.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
     return out, lse
 
 
-def _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv, finite_of=None):
+def _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv):
     cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
     if _flash.selected(q):
         _flash.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
     elif _use_triton(q):
         _kernels().backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
     else:
-        finite = _ref.all_finite(*finite_of) if finite_of else None
-        _ref.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv, finite=finite)
+        _ref.backward(dout, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale, dq, dk, dv)
 
 
 def _fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -137,14 +133,14 @@ def _bwd_impl(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
 
 def _packed_fwd_impl(qkv, cu_seqlens, max_seqlen, scale):
     q, k, v = qkv.unbind(1)  # strided views, read in place
-    return _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale, finite_of=(qkv,))
+    return _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 def _packed_bwd_impl(dout, qkv, out, lse, cu_seqlens, max_seqlen, scale):
     dqkv = _alloc(qkv.shape, qkv)
     q, k, v = qkv.unbind(1)
     dq, dk, dv = dqkv.unbind(1)  # the kernels write straight into the packed buffer
-    _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv, finite_of=(qkv, out, dout))
+    _bwd_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
     return dqkv
 
 

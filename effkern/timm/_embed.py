@@ -238,7 +238,12 @@ def _patch_tokens(model, x, p: int, keep, generator):
         idx, cu, lens, ragged = resolve_keep(model, keep, B, grid[0] * grid[1], x.device, generator)
         g0 = tuple(pe.grid_size)
         fuse_pos = pos is not None and g0[0] == g0[1] and isinstance(pe.norm, torch.nn.Identity)
-        tokens = _patch_embed(x, pe.proj.weight, pe.proj.bias, p, pos if fuse_pos else None, idx, cu)
+        n = grid[0] * grid[1]
+        if not ragged and lens[0] == n:  # every patch, in order (sample_keep's layout): the dense op
+            tokens = _patch_embed(x, pe.proj.weight, pe.proj.bias, p, pos if fuse_pos else None)
+            tokens = tokens.reshape(B * n, tokens.shape[-1])
+        else:
+            tokens = _patch_embed(x, pe.proj.weight, pe.proj.bias, p, pos if fuse_pos else None, idx, cu)
         tokens = pe.norm(tokens)
         if pos is not None and not fuse_pos:
             tokens = tokens + _pos_grid(model, pos, grid).to(tokens.dtype).index_select(0, idx)
