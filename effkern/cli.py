@@ -40,6 +40,10 @@ def _bench(argv: list[str]) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if device.type == "cpu":  # the same allocator settings for every implementation timed
+        from effkern.cpu_allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
     try:
         rows = module.run(args)
     except ValueError as exc:  # effkern's own argument checks on a combination of options

@@ -145,6 +145,9 @@ def environment(device: torch.device) -> dict:
     from effkern import build_info
 
     info["effkern_cpu_isa"] = build_info().get("cpu_isa")
+    from effkern.cpu_allocator import status
+
+    info["cpu_allocator"] = status().get("reason", "untouched")
     return info
 
 
@@ -206,6 +209,7 @@ def write_results(path_stem: str, rows: Sequence[Row], env: dict, command: str, 
         f.write(f"# {title}\n\n")
         f.write(f"- device: {env.get('device_name')} ({env.get('device')})\n")
         f.write(f"- torch {env.get('torch')}, triton {env.get('triton')}, python {env.get('python')}, "
-                f"CPU threads {env.get('cpu_threads')}, effkern CPU kernels: {env.get('effkern_cpu_isa')}\n")
+                f"CPU threads {env.get('cpu_threads')}, effkern CPU kernels: {env.get('effkern_cpu_isa')}, "
+                f"CPU allocator: {env.get('cpu_allocator')}\n")
         f.write(f"- date: {env.get('date')}\n- command: `{command}`\n\n")
         f.write(format_table(rows, extra_cols=extra_cols) + "\n")

@@ -54,6 +54,10 @@ class Run:
 
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        if self.device.type == "cpu":
+            from effkern.cpu_allocator import tune_cpu_allocator
+
+            tune_cpu_allocator()  # no page faults on every large activation (effkern/cpu_allocator.py)
         self.rank, self.world = dist.rank(), dist.world_size()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of ranks {self.world}")
