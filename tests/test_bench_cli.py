@@ -38,8 +38,12 @@ def test_bench_vit_interleaved_rows(tmp_path, capsys):
             assert r["ratios"]["timm"] > 0 and r["extra"]["predicted_speedup"] >= 1.0
             assert r["extra"]["measured/predicted"] == pytest.approx(
                 r["ratios"]["timm"] / r["extra"]["predicted_speedup"])
-    keep = {r["shape"].split()[-1]: r for r in rows if r["impl"] == "effkern" and "moco" not in r["shape"]
-            and "dino" not in r["shape"] and " p16 " in r["shape"] + " "}
+    singles = [r for r in rows if r["impl"] == "effkern" and "moco" not in r["shape"] and "dino" not in r["shape"]]
+    for r in singles:  # timm doing the same token work (PatchDropout / built at the patch) beside it
+        assert ("timm same tokens" in r["ratios"]) == (not r["shape"].endswith("p16 keep1")), r["shape"]
+    assert any(r["shape"].endswith("p16 keep0.5 timm PatchDropout") for r in rows)
+    assert any(r["shape"].endswith("p32 keep1 timm at this patch") for r in rows)
+    keep = {r["shape"].split()[-1]: r for r in singles if " p16 " in r["shape"] + " "}
     assert keep["keep0.5"]["extra"]["predicted_speedup"] > keep["keep1"]["extra"]["predicted_speedup"]
     assert (out.with_suffix(".md")).read_text().count("| vit_ti16_d2") == len(rows)
 

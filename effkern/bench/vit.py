@@ -26,7 +26,11 @@ backward) and, with ``--breakdown``, one profiled step splits its time into embe
 attention / matmul / norm_act / gather / other (effkern.bench._profile).
 
 Columns: ``vs timm`` = measured speedup = peer ms / ms; ``predicted_speedup`` from the
-FLOP cost model; ``measured/predicted``; images/s (one image = all its views).
+FLOP cost model; ``measured/predicted``; images/s (one image = all its views).  ``vs timm
+same tokens``: against timm doing the same token work its own way (PatchDropout at the
+keep ratio; a model built at the other patch size with weights resampled once), so the
+part of a shortfall from the prediction that timm shares (short sequences run the GEMMs
+and the attention kernel less efficiently than the FLOP count says) is visible.
 
 Cost model (forward FLOPs, a training step is ~3x that, so ratios are equal):
 per image and view, n kept patches, N = n + prefix tokens, depth blocks:
@@ -150,11 +154,41 @@ def _images(batch, img, device, gen):
 
 
 class Setting:
-    """One timed configuration: a step function, its forward FLOPs and its timm peer."""
+    """One timed configuration: a step function, its forward FLOPs, its timm peers (the
+    full-work ones the speedup is measured against, and timm at the same token count)."""
 
-    def __init__(self, shape, impl, model, step, flops, peer=None, extra=None):
+    def __init__(self, shape, impl, model, step, flops, peer=None, extra=None, same_tokens=None):
         self.shape, self.impl, self.model, self.step, self.flops = shape, impl, model, step, flops
         self.peer, self.extra, self.times, self.error = peer, dict(extra or {}), [], None
+        self.same_tokens = same_tokens
+
+
+def _same_tokens_peer(arch_name, kw, base, p, k, size, xs, device, step):
+    """timm doing the same token work as ``patched(xs, patch_size=p, keep=k)``, the best
+    timm itself offers: its PatchDropout (``patch_drop_rate=1-k``, training mode, the same
+    max(1, int(n*k)) kept patches) and, for another patch size, a model built at that patch
+    size with the weights resampled once (timm's resample_patch_embed / resample_abs_pos_embed;
+    effkern instead resamples inside every step, as the base weights train).  None at the
+    native patch size and keep 1 (that peer is timm itself)."""
+    import timm
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    p0 = base.patch_embed.proj.kernel_size[0]
+    if p == p0 and k >= 1.0:
+        return None
+    m = timm.create_model(arch_name, pretrained=False, img_size=size, patch_size=p,
+                          patch_drop_rate=0.0 if k >= 1.0 else 1.0 - k, **kw)
+    state = {name: t.clone() for name, t in base.state_dict().items()}
+    if p != p0:
+        state["patch_embed.proj.weight"] = resample_patch_embed(state["patch_embed.proj.weight"], [p, p])
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [size // p, size // p],
+                                                num_prefix_tokens=base.num_prefix_tokens)
+    m.load_state_dict(state)
+    m = m.to(device).train()
+    what = "PatchDropout" if k < 1.0 else "at this patch"
+    if p != p0 and k < 1.0:
+        what = "at this patch + PatchDropout"
+    return Setting(f"timm {what}", "timm", m, step(m, lambda: m(xs)), 0.0)
 
 
 def time_interleaved(settings: list[Setting], device, repeat: int, warmup: int = 2) -> None:
@@ -200,9 +234,14 @@ def _settings(args, device, model_name, gen) -> list[Setting]:
     for p, k in singles:
         size = img - img % p
         xs = x if size == img else _images(B, size, device, gen)
-        out.append(Setting(f"{tag}{'' if size == img else f' {size}px'} p{p} keep{k:g}", "effkern", patched,
+        same = _same_tokens_peer(arch_name, kw, base, p, k, size, xs, device, step)
+        shape = f"{tag}{'' if size == img else f' {size}px'} p{p} keep{k:g}"
+        if same is not None:
+            same.shape = f"{shape} {same.shape}"
+            out.append(same)
+        out.append(Setting(shape, "effkern", patched,
                            step(patched, lambda xs=xs, p=p, k=k: patched(xs, patch_size=p, keep=k)),
-                           fwd_flops(arch, size, p, k), peer=[timm_one],
+                           fwd_flops(arch, size, p, k), peer=[timm_one], same_tokens=same,
                            extra={"tokens_per_image": max(1, int((size // p) ** 2 * k)) + arch["prefix"]}))
     if args.no_multiview:
         return out
@@ -265,6 +304,9 @@ def _rows(args, device, model_name, settings) -> list[Row]:
             extra["peer"] = best.shape
             extra["predicted_speedup"] = best.flops / s.flops
             extra["measured/predicted"] = measured / extra["predicted_speedup"]
+        same = s.same_tokens
+        if same is not None and same.error is None and same.times:
+            ratios["timm same tokens"] = statistics.median(same.times) / ms
         try:
             extra["peak_mem_mib"], extra["peak_mem_kind"] = _profile.peak_memory_mib(
                 s.step, device, params=list(s.model.parameters()))
@@ -272,8 +314,8 @@ def _rows(args, device, model_name, settings) -> list[Row]:
                 extra.update({f"t_{k}": v for k, v in _profile.breakdown(s.step).items() if f"t_{k}" in BREAKDOWN})
         except Exception as exc:  # noqa: BLE001
             extra["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        rows.append(Row("vit_train_step", s.shape, s.impl, dtype, ms, tflops=3 * s.flops * args.batch / (ms * 1e-3)
-                        / 1e12, ratios=ratios, extra=extra))
+        tflops = 3 * s.flops * args.batch / (ms * 1e-3) / 1e12 if s.flops else None
+        rows.append(Row("vit_train_step", s.shape, s.impl, dtype, ms, tflops=tflops, ratios=ratios, extra=extra))
     return rows
 
 
