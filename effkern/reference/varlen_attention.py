@@ -30,6 +30,8 @@ tests/test_bad_input.py hold both claims to the oracle).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -88,24 +90,28 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def contiguous_runs(cu_seqlens: torch.Tensor):
-    """[(first token, sequences n, length L)] of the maximal runs of consecutive
+    """((first token, sequences n, length L), ...) of the maximal runs of consecutive
     non-empty sequences of equal length, when every distinct length forms ONE run
     (so there are at most as many runs as lengths); None otherwise (ragged lengths:
-    gather by length instead)."""
-    cu = cu_seqlens.to("cpu", torch.int64)
-    lengths = cu[1:] - cu[:-1]
-    nonempty = lengths > 0
-    starts, lengths = cu[:-1][nonempty], lengths[nonempty]
-    if lengths.numel() == 0:
-        return []
-    brk = torch.nonzero(lengths[1:] != lengths[:-1]).flatten() + 1
-    first = torch.cat([brk.new_zeros(1), brk])
-    n_seq = torch.diff(torch.cat([first, brk.new_tensor([lengths.numel()])]))
-    run_len = lengths[first]
-    if torch.unique(run_len).numel() != run_len.numel():
+    gather by length instead).  Cached by the boundaries' values: every block of a
+    forward (and its backward) asks with the same cu_seqlens."""
+    return _runs_of(tuple(cu_seqlens.tolist()))
+
+
+@functools.lru_cache(maxsize=256)
+def _runs_of(cu: tuple):
+    runs: list[tuple[int, int, int]] = []
+    for start, end in zip(cu[:-1], cu[1:]):
+        length = end - start
+        if length <= 0:
+            continue
+        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, length)
+        else:
+            runs.append((start, 1, length))
+    if len({length for _, _, length in runs}) != len(runs):
         return None
-    # runs separated only by empty sequences are still contiguous in tokens
-    return list(zip(starts[first].tolist(), n_seq.tolist(), run_len.tolist()))
+    return tuple(runs)
 
 
 def _run_view(x: torch.Tensor, t0: int, n: int, length: int) -> torch.Tensor:
