@@ -14,22 +14,24 @@ import pytest
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                            reason="glibc only")
 
-# minor page faults of 20 allocate-fill-free cycles of a 16 MiB tensor, before / after tuning
+# minor page faults of 20 allocate-fill-free cycles of a 16 MiB and a 64 MiB tensor (above
+# glibc's largest mmap threshold), before / after tuning
 PROBE = r"""
 import json, resource, sys, torch
 from effkern.cpu_allocator import tune_cpu_allocator
 
-def faults():
+def faults(mib):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
-        torch.empty(4 * 2**20).fill_(1.0)
+        torch.empty(mib * 2**18).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-out = {"untuned": faults()}
+out = {"untuned": faults(16), "untuned64": faults(64)}
 out["state"] = tune_cpu_allocator()
 out["again"] = tune_cpu_allocator()
-faults()  # the first block after tuning still comes from fresh pages
-out["tuned"] = faults()
+faults(64)  # the first blocks after tuning still come from fresh pages
+faults(16)
+out["tuned"], out["tuned64"] = faults(16), faults(64)
 print(json.dumps(out))
 """
 
@@ -46,9 +48,10 @@ def _probe(**env) -> dict:
 def test_tuning_stops_the_page_faults_of_large_tensors():
     r = _probe()
     assert r["state"] == {"applied": True, "reason": "mallopt"} and r["again"] == r["state"]
-    pages = 16 * 2**20 // 4096                  # of one tensor
+    pages = 16 * 2**20 // 4096                  # of one 16 MiB tensor
     assert r["untuned"] > 4 * pages, r           # glibc returned it to the OS again and again
-    assert r["tuned"] < pages // 4, r            # freed blocks are reused
+    assert r["untuned64"] > 4 * 4 * pages, r
+    assert r["tuned"] < pages // 4 and r["tuned64"] < pages // 4, r   # freed blocks are reused
 
 
 @glibc

@@ -18,7 +18,8 @@ e.g. 216 px for p24 at 224), the ``--combos`` patch:keep pairs, MoCo two views (
 keep 1, and the asymmetric keeps 0.5 / 0.25), DINO multi-crop 2 x img + 8 x local
 (packed at keep 1, and with the global crops at keep 0.5).
 
-Timing: every setting of a model is warmed up, then timed round-robin -- one step of
+Timing: every setting of a model is warmed up (3 rounds: the heap reaches its steady
+state, see effkern.cpu_allocator), then timed round-robin -- one step of
 each setting per round, ``--repeat`` rounds -- so machine load hits all settings alike;
 ms is the median, ``ms_min``/``ms_max`` the spread.  After the timing, one more step per
 setting measures peak memory (CUDA peak allocated; on CPU the activations saved for the
@@ -191,7 +192,7 @@ def _same_tokens_peer(arch_name, kw, base, p, k, size, xs, device, step):
     return Setting(f"timm {what}", "timm", m, step(m, lambda: m(xs)), 0.0)
 
 
-def time_interleaved(settings: list[Setting], device, repeat: int, warmup: int = 2) -> None:
+def time_interleaved(settings: list[Setting], device, repeat: int, warmup: int = 3) -> None:
     """Warm-up calls, then ``repeat`` rounds of one timed call per setting, in turn
     (milliseconds appended to ``setting.times``).  A setting that raises (e.g. out of
     memory) keeps its error and leaves the rotation."""
