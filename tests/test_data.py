@@ -269,3 +269,38 @@ def test_knn_accuracy_digits_pixels(digits):
     assert acc > 0.8
     acc_small = knn_accuracy(lambda x: x.flatten(1), digits, MEAN, STD, "cpu", limit_train=500, limit_test=100)
     assert 0.0 <= acc_small <= 1.0
+
+
+def test_separable_blur_matches_torchvision():
+    """The row-then-column blur is torchvision's gaussian_blur up to one uint8 level of rounding."""
+    import torchvision.transforms.v2.functional as TF
+
+    from effkern.train.augment import separable_gaussian_blur
+
+    g = torch.Generator().manual_seed(0)
+    diffs = []
+    for c, (h, w), sigma, k in [(1, (224, 200), 2.0, 13), (3, (96, 96), 0.7, 5), (3, (33, 17), 1.3, 9)]:
+        img = torch.randint(0, 256, (c, h, w), generator=g, dtype=torch.uint8)
+        got, want = separable_gaussian_blur(img, k, sigma), TF.gaussian_blur(img, [k, k], [sigma, sigma])
+        assert got.dtype == torch.uint8 and got.shape == img.shape
+        diffs.append((got.int() - want.int()).abs())
+        assert (got.float() - img.float()).abs().mean() > 1.0  # it did blur
+    assert max(int(d.max()) for d in diffs) <= 1
+    assert max(float(d.float().mean()) for d in diffs) < 0.05
+
+
+def test_grayscale_images_are_augmented_on_one_channel():
+    """A one-channel image expanded to 3 channels gives the views its one channel gives,
+    replicated -- from the same generator draws."""
+    from effkern.train.augment import SSLView
+    from effkern.train.data import MultiViewDataset
+
+    g = torch.Generator().manual_seed(1)
+    gray = torch.randint(0, 256, (4, 1, 40, 40), generator=g, dtype=torch.uint8)
+    views = [SSLView(32, scale=(0.3, 1.0), color=False), SSLView(16, p_blur=0.5, color=False)]
+    ds = MultiViewDataset(gray.expand(4, 3, 40, 40), torch.arange(4), views, seed=3)
+    one = MultiViewDataset(gray, torch.arange(4), views, seed=3)
+    for i in range(4):
+        (got, _), (want, _) = ds[i], one[i]
+        for a, b in zip(got, want):
+            assert a.shape == (3, *b.shape[1:]) and torch.equal(a, b.expand_as(a))

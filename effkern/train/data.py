@@ -316,7 +316,12 @@ class MultiViewDataset(torch.utils.data.Dataset):
         index = int(index)
         g = self.generator(index)
         img = self.images[index]
-        views = [fn(img, g) for fn in self.view_transforms]
+        # a one-channel image replicated with expand (stride 0): augment the one channel
+        # (a third of the work: blur, resize, jitter) and replicate each view again
+        gray = img.shape[0] == 3 and img.stride(0) == 0
+        views = [fn(img[:1] if gray else img, g) for fn in self.view_transforms]
+        if gray:
+            views = [v.expand(3, *v.shape[1:]) if v.shape[0] == 1 else v for v in views]
         return views, int(self.labels[index])
 
 
