@@ -208,7 +208,8 @@ def test_cost_views_and_view_plan():
     cv = dino.cost_views(224, st)
     assert cv == [(224, 16, 0.5, True)] * 2 + [(96, 16, 1.0, True)] * 8 + [(224, 16, 1.0, False)] * 2
     # the loop shrinks only the global views (stage.resolution): locals keep the planned size
-    assert dino.cost_views(112, st) == [(112, 16, 0.5, True)] * 2 + [(96, 16, 1.0, True)] * 8 + [(112, 16, 1.0, False)] * 2
+    assert dino.cost_views(112, st) == ([(112, 16, 0.5, True)] * 2 + [(96, 16, 1.0, True)] * 8
+                                        + [(112, 16, 1.0, False)] * 2)
     assert tiny_method("supervised").cost_views(224, st) == [(224, 16, 0.25, True)]
 
 

@@ -2,7 +2,6 @@
 itself) and the shipped aaip-* presets."""
 
 import json
-import os
 import subprocess
 import sys
 

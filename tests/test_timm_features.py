@@ -47,7 +47,6 @@ def test_attention_dropout_draws_as_timm_and_is_seeded():
 
 
 def test_attention_dropout_ragged_matches_oracle_and_expectation():
-    lens = [3, 7, 1, 7]
     cu = torch.tensor([0, 3, 10, 11, 18], dtype=torch.int32)
     qkv = torch.randn(18, 3, 2, 16, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(0)

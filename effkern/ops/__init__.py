@@ -4,7 +4,8 @@ dispatch sit together; the kernels live in ``effkern/kernels`` (Triton) and
 """
 
 from effkern.ops.fft_crop import fft_crop
+from effkern.ops.patch_embed import patch_embed
+from effkern.ops.sample_keep import sample_keep
+from effkern.ops.varlen_attention import varlen_attention, varlen_attention_qkvpacked
 
-__all__ = ["fft_crop"]
-from effkern.ops.patch_embed import patch_embed; from effkern.ops.sample_keep import sample_keep; __all__ += ["patch_embed", "sample_keep"]  # noqa: E402,E702
-from effkern.ops.varlen_attention import varlen_attention, varlen_attention_qkvpacked; __all__ += ["varlen_attention", "varlen_attention_qkvpacked"]  # noqa: E402,E702
+__all__ = ["fft_crop", "patch_embed", "sample_keep", "varlen_attention", "varlen_attention_qkvpacked"]

@@ -63,8 +63,12 @@ def _inputs(shape, dtype, seed):
     return x, w, b, pos, index
 
 
+def shape_id(s):
+    return "x".join(map(str, s[:6])) + ("-all" if s[6] is None else "-kept")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("-all" if s[6] is None else "-kept"))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_forward_kernel(poison, shape, dtype):
     x, w, b, pos, index = _inputs(shape, dtype, 0)
     p = shape[4]
@@ -78,7 +82,7 @@ def test_forward_kernel(poison, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("-all" if s[6] is None else "-kept"))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_dw_kernel(poison, shape, dtype):
     x, w, b, pos, index = _inputs(shape, dtype, 1)
     p = shape[4]
