@@ -14,8 +14,11 @@ import pytest
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                            reason="glibc only")
 
-# minor page faults of 20 allocate-fill-free cycles of a 16 MiB and a 64 MiB tensor (above
-# glibc's largest mmap threshold), before / after tuning
+# minor page faults of 20 allocate-fill-free cycles of a 16 MiB and a 64 MiB tensor, before /
+# after tuning.  Untuned, only the 64 MiB count is deterministic: it is above glibc's largest
+# dynamic mmap threshold (32 MiB on 64-bit), so every cycle maps fresh pages; whether a 16 MiB
+# block is mmapped depends on what the process freed before (glibc raises the threshold to the
+# size of a freed mmapped chunk), which differs between machines.
 PROBE = r"""
 import json, resource, sys, torch
 from effkern.cpu_allocator import tune_cpu_allocator
@@ -49,8 +52,7 @@ def test_tuning_stops_the_page_faults_of_large_tensors():
     r = _probe()
     assert r["state"] == {"applied": True, "reason": "mallopt"} and r["again"] == r["state"]
     pages = 16 * 2**20 // 4096                  # of one 16 MiB tensor
-    assert r["untuned"] > 4 * pages, r           # glibc returned it to the OS again and again
-    assert r["untuned64"] > 4 * 4 * pages, r
+    assert r["untuned64"] > 4 * 4 * pages, r     # untuned glibc returns 64 MiB blocks to the OS each time
     assert r["tuned"] < pages // 4 and r["tuned64"] < pages // 4, r   # freed blocks are reused
 
 
