@@ -122,10 +122,26 @@ def test_pos_resize_matches_timm_fp32():
         assert rel_err(ours, theirs[0]) < 1e-6, grid
 
 
+def test_resize_is_separable():
+    """The shortcut resize_weight takes: the 2-D resize matrix is kron of the 1-D one."""
+    for old, new in ((16, 32), (16, 24), (16, 8), (14, 20), (16, 48)):
+        R1 = ref.resize_matrix1d64(old, new)
+        assert rel_err(torch.kron(R1, R1), ref.resize_matrix64(old, new, new)) < 1e-14, (old, new)
+
+
+def test_weight_resize_matches_full_pinv_float64():
+    """Against FlexiViT's formula with the full (p0^2, p^2) pseudo-inverse, in float64."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 2, 16, 16, dtype=torch.float64, generator=gen)
+    for p in (8, 12, 24, 32):
+        full = torch.linalg.pinv(ref.resize_matrix64(16, p, p))
+        assert rel_err(ref.resize_weight(w, p).reshape(10, p * p), w.reshape(10, 256) @ full) < 1e-12, p
+
+
 def test_resize_matrix_cached():
     a = ref.resize_pinv(16, 24, torch.device("cpu"), torch.float32)
     assert ref.resize_pinv(16, 24, torch.device("cpu"), torch.float32) is a
-    assert a.shape == (256, 576)
+    assert a.shape == (16, 24)
     assert ref.resize_pinv(16, 24, torch.device("cpu"), torch.bfloat16) is a  # fp32 intermediate
     assert ref.resize_pinv(16, 24, torch.device("cpu"), torch.float64).dtype == torch.float64
 
