@@ -27,6 +27,7 @@ EFFKERN_BACKEND=triton and TRITON_INTERPRET=1), PyTorch effkern/reference/varlen
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -100,11 +101,15 @@ def _launch_args(q, cu_seqlens, max_seqlen):
 def _fwd_into(q, k, v, cu_seqlens, max_seqlen, scale):
     total, heads, head_dim = q.shape
     cu_seqlens, max_seqlen = _launch_args(q, cu_seqlens, max_seqlen)
+    flash, triton = _flash.selected(q), _use_triton(q)
+    if not (flash or triton or _debug()):
+        # the reference allocates: one equal-length run returns ATen's output itself
+        return _ref.forward(q, k, v, cu_seqlens, int(max_seqlen), scale)
     out = _alloc((total, heads, head_dim), q)
     lse = _alloc((heads, total), q, _ref.lse_dtype(q.dtype))
-    if _flash.selected(q):
+    if flash:
         _flash.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
-    elif _use_triton(q):
+    elif triton:
         _kernels().forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
     else:
         _ref.forward(q, k, v, cu_seqlens, int(max_seqlen), scale, out, lse)
@@ -235,18 +240,24 @@ def _validate_seqlens(cu_seqlens, max_seqlen, total: int, device: torch.device):
     max_seqlen = min(max_seqlen, int(total))
     if cu_seqlens.device.type != "cpu" and not _debug():
         return cu_seqlens, max_seqlen  # checking values would sync the GPU; EFFKERN_DEBUG=1 enables it
-    cu = cu_seqlens.detach().to("cpu", torch.int64)
-    if cu[0].item() != 0:
-        raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0].item()}")
-    lengths = cu[1:] - cu[:-1]
-    if lengths.numel() and lengths.min().item() < 0:
+    _check_boundaries(tuple(cu_seqlens.detach().tolist()), int(total), max_seqlen)  # one host read
+    return cu_seqlens, max_seqlen
+
+
+@functools.lru_cache(maxsize=256)
+def _check_boundaries(cu: tuple, total: int, max_seqlen: int) -> None:
+    """The values of cu_seqlens, checked once per distinct (boundaries, total, max_seqlen):
+    every block of a forward asks with the same ones."""
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0]}")
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if lengths and min(lengths) < 0:
         raise ValueError("cu_seqlens must be non-decreasing (sequence lengths >= 0)")
-    if cu[-1].item() != total:
-        raise ValueError(f"cu_seqlens[-1] ({cu[-1].item()}) must equal the number of tokens ({total})")
-    longest = lengths.max().item() if lengths.numel() else 0
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens[-1] ({cu[-1]}) must equal the number of tokens ({total})")
+    longest = max(lengths) if lengths else 0
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({longest})")
-    return cu_seqlens, max_seqlen
 
 
 def _validate_head(name: str, x: torch.Tensor, scale) -> float:
