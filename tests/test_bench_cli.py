@@ -59,3 +59,19 @@ def test_bench_step_schedules_interleaved(capsys):
     assert float(body[1][col["predicted_speedup"]]) > 1.2  # keep 0.5 of 16 tokens per view, heads included
     for row in body:
         assert float(row[col["ms"]]) > 0 and float(row[col["data_ms"]]) > 0 and float(row[col["t_optimizer"]]) > 0
+
+
+def test_docs_bench_vit_tables_are_current():
+    """docs/timm.md's bench vit tables are the committed JSON results, and the check can fail."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vit_doc_tables.py"
+    spec = importlib.util.spec_from_file_location("vit_doc_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.DOC.read_text()
+    assert text.count("<!-- table:") == 3
+    assert mod.render(text) == text, "docs/timm.md: run python benchmarks/vit_doc_tables.py"
+    stale = text.replace("| p16 keep1 | effkern |", "| p16 keep1 | effkern | 1 |", 1)
+    assert mod.render(stale) != stale
