@@ -300,10 +300,6 @@ def schedule_main(argv: list[str]) -> int:
     return 0
 
 
-def _stage_size(base_size: int, stage) -> int:
-    return max(1, round(base_size * stage.resolution))
-
-
 def _show_shapes(args):
     """(ModelCfg, views_fn) for ``schedule show``: from effkern.train.catalog, without torch,
     for a timm ViT it knows and no --model-arg; else from the model and method built (on
@@ -313,7 +309,8 @@ def _show_shapes(args):
     cfg = None if args.model_arg else catalog.model_cfg(args.model, args.base_size)
     if cfg is not None:
         method = catalog.method_key(args.method)
-        return cfg, lambda stage: catalog.view_specs(method, cfg, _stage_size(args.base_size, stage), stage)
+        return cfg, lambda stage: catalog.view_specs(method, cfg, stage.global_size(args.base_size, cfg.patch_size),
+                                                      stage)
     return _built_shapes(args)
 
 
@@ -336,7 +333,8 @@ def _built_shapes(args):
         method = build_method(args.method, encoder)
     cfg = ModelCfg.from_timm(encoder)
     method.view_plan(args.base_size)
-    return cfg, lambda stage: method.view_specs(_stage_size(args.base_size, stage), stage, cfg.patch_size)
+    return cfg, lambda stage: method.view_specs(stage.global_size(args.base_size, cfg.patch_size), stage,
+                                               cfg.patch_size)
 
 
 def _search(args) -> int:

@@ -227,3 +227,26 @@ def test_compiled_training_step_matches_eager(tmp_path):
     assert comp["steps"] == eager["steps"]
     le, lc = losses(tmp_path / "eager"), losses(tmp_path / "comp")
     assert len(le) == len(lc) and all(abs(a - b) <= 1e-3 * abs(a) + 1e-5 for a, b in zip(le, lc)), (le, lc)
+
+
+def test_schedule_show_charges_what_the_trainer_charges(tmp_path):
+    """`effkern schedule show` prices the views the trainer runs at every ET++ stage, also
+    at a base size whose scaled crops are not whole patches (16 px, patch 4: 16 * 0.6 =
+    9.6 px is cropped to 8, not 10).  (The method's heads differ here: show builds the
+    default projector, the run a small one.)"""
+    import argparse
+
+    from effkern.cli_train import _show_shapes
+
+    cfg = tiny_cfg(tmp_path, schedule="efficienttrain++")
+    run = Run(cfg)
+    args = argparse.Namespace(name="efficienttrain++", method="mocov3", model=cfg.model, base_size=16,
+                              model_arg=[f"{k}={v}" for k, v in cfg.model_kwargs.items()])
+    _, views_fn = _show_shapes(args)
+    stages = [st for _, _, st in run.schedule.intervals()]
+    assert any(round(16 * st.resolution) % 4 for st in stages)  # the case the rounding decides
+    key = lambda views: [(v.resolution, v.patch_size, v.keep, v.grad) for v in views]  # noqa: E731
+    for st in stages:
+        assert run.global_size(16, st) % 4 == 0
+        trained = run.method.view_specs(run.global_size(16, st), st, run.model_cfg.patch_size)
+        assert key(views_fn(st)) == key(trained), st

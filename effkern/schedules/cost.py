@@ -131,11 +131,12 @@ ViewsFn = Callable[[Stage], list[ViewSpec]]
 
 
 def default_views_fn(cfg: ModelCfg, branch: str = "default", grad: bool = True) -> ViewsFn:
-    """A views_fn for one trained view (supervised): the image at round(img * resolution)
-    px, the stage's patch size (else native) and the stage's keep for `branch`."""
+    """A views_fn for one trained view (supervised): the image at the stage's global size
+    (img * resolution in whole patches, Stage.global_size, as the trainer crops), the
+    stage's patch size (else native) and the stage's keep for `branch`."""
 
     def views_fn(stage: Stage) -> list[ViewSpec]:
-        return [ViewSpec(resolution=round(cfg.img_size * stage.resolution),
+        return [ViewSpec(resolution=stage.global_size(cfg.img_size, cfg.patch_size),
                          patch_size=stage.patch_size or cfg.patch_size,
                          keep=stage.keep_for(branch), grad=grad)]
 
@@ -170,7 +171,7 @@ def describe(schedule: Schedule, cfg: ModelCfg, views_fn: ViewsFn | None = None)
     rows = []
     for start, end, st in schedule.intervals():
         c = step_cost(cfg, views_fn(st), 1)
-        res = f"{st.resolution:.4g} ({round(cfg.img_size * st.resolution)}px)"
+        res = f"{st.resolution:.4g} ({st.global_size(cfg.img_size, cfg.patch_size)}px)"
         rows.append((f"{start:.3g}", f"{end:.3g}", str(st.patch_size or cfg.patch_size), _fmt_keep(st),
                      res, "-" if st.randaug_magnitude is None else str(st.randaug_magnitude),
                      f"{c:.3f}", f"{base / c:.2f}x"))

@@ -33,8 +33,8 @@ class Stage:
     keep: per-branch keep ratios, e.g. (("q", 0.5), ("k", 0.25)); the branch "default"
         applies to any branch not listed; empty = keep everything (1.0).
     resolution: ET++ bandwidth B as a fraction of the base resolution (1.0 = full); the
-        trainer low-pass crops global views to round(base * resolution) px with
-        effkern.ops.fft_crop.
+        trainer low-pass crops global views to :meth:`global_size` px (base * resolution
+        in whole patches) with effkern.ops.fft_crop.
     randaug_magnitude: ET++ RandAugment magnitude m (None = no RandAugment).
     name: a label for tables and logs.
     """
@@ -68,6 +68,16 @@ class Stage:
             if isinstance(m, bool) or int(m) != m or m < 0:
                 raise ValueError(f"randaug_magnitude must be an int >= 0 or None, got {m!r}")
             object.__setattr__(self, "randaug_magnitude", int(m))
+
+    def global_size(self, base_size: int, native_patch: int) -> int:
+        """Side of a global view at this stage: ``base_size * resolution`` rounded to whole
+        patches of this stage's patch size (else ``native_patch``), at least one patch;
+        ``base_size`` itself at full resolution.  The one rule the trainer, its cost model
+        and ``effkern schedule show`` all use."""
+        if self.resolution >= 1.0:
+            return base_size
+        p = self.patch_size or native_patch
+        return max(p, round(base_size * self.resolution / p) * p)
 
     def keep_for(self, branch: str) -> float:
         """The keep ratio of `branch`, else the "default" branch's, else 1.0."""

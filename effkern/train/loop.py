@@ -112,11 +112,8 @@ class Run:
 
     # ------------------------------------------------------------ budget
     def global_size(self, size: int, stage) -> int:
-        """The ET++ crop size of a global view: size * resolution, in whole patches."""
-        if stage.resolution >= 1.0:
-            return size
-        p = stage.patch_size or self.model_cfg.patch_size
-        return max(p, round(size * stage.resolution / p) * p)
+        """The ET++ crop size of a global view (effkern.schedules.Stage.global_size)."""
+        return stage.global_size(size, self.model_cfg.patch_size)
 
     def step_cost(self, stage) -> float:
         size = self.global_size(self.cfg.base_size, stage)
