@@ -62,11 +62,15 @@ def test_ci_scope_compiles_every_kernel_for_both_archs(gc, ci_results):
 @needs_ptxas
 def test_ci_scope_lowering_is_wgmma_on_hopper_and_mma_on_ampere(ci_results):
     by = {(r.kernel.split(".")[-1], r.arch): r for r in ci_results}
+    # tl.dot calls in each kernel's source; the compiler may duplicate a dot (Triton 3.8
+    # pipelines the patch-embedding K loop for sm_80 into 4 copies), never drop one,
+    # and every copy must be on the architecture's tensor-core instruction
     dots = {"_fwd_kernel": 2, "_bwd_dkdv_kernel": 4, "_bwd_dq_kernel": 3,
             "_patch_embed_fwd_kernel": 1, "_patch_embed_dw_kernel": 1}
     for name, n in dots.items():
-        assert by[(name, 90)].dots == {"wgmma": n}, by[(name, 90)].dot_detail
-        assert by[(name, 80)].dots == {"mma.sync": n}, by[(name, 80)].dot_detail
+        for arch, kind in ((90, "wgmma"), (80, "mma.sync")):
+            r = by[(name, arch)]
+            assert set(r.dots) == {kind} and r.dots[kind] >= n, (arch, r.dot_detail)
         assert by[(name, 90)].ptx["wgmma.mma_async"] > 0 and by[(name, 80)].ptx["mma.sync"] > 0
     assert by[("_bwd_preprocess_kernel", 90)].dots == {}
 
