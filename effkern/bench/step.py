@@ -34,6 +34,7 @@ import time
 import torch
 
 from effkern.bench.common import Row, int_at_least
+from effkern.train.timing import BatchFeed, interleaved_step_times
 
 BREAKDOWN = ("t_data", "t_embed", "t_attention", "t_matmul", "t_norm_act", "t_gather", "t_optimizer", "t_other")
 TABLE_EXTRA = ("data_ms", "step_ms", "ms_min", "ms_max", "images_per_s", "predicted_speedup",
@@ -95,52 +96,12 @@ def _runs(args, device):
     return runs
 
 
-class _Feed:
-    """Endless batches of one run (a new seeded epoch when one ends), timed."""
-
-    def __init__(self, run):
-        self.run, self.epoch, self.it = run, 0, None
-
-    def next(self):
-        from effkern.train.data import make_loader
-
-        for _ in range(2):
-            if self.it is None:
-                self.it = iter(make_loader(self.run.dataset, self.run.local_batch, self.epoch, self.run.cfg.seed))
-            try:
-                return next(self.it)
-            except StopIteration:
-                self.it, self.epoch = None, self.epoch + 1
-        raise RuntimeError("the loader yields no batch")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _one(run, feed, at, device) -> tuple[float, float]:
-    """(data s, step s) of one step at budget progress ``at``."""
-    t0 = time.perf_counter()
-    views, labels = feed.next()
-    t1 = time.perf_counter()
-    run.state["spent"] = at * run.budget
-    run.train_step(views, labels)
-    _sync(device)
-    return t1 - t0, time.perf_counter() - t1
-
-
 def run(args) -> list[Row]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     runs = _runs(args, device)
-    feeds = {name: _Feed(r) for name, r in runs.items()}
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for rnd in range(2 + args.repeat):
-        for name, r in runs.items():
-            t = _one(r, feeds[name], args.at, device)
-            if rnd >= 2:
-                times[name].append(t)
+    slots = [(name, args.at) for name in runs]
+    times = {name: t for (name, _), t in interleaved_step_times(runs, args.repeat, 2, slots).items()}
     rows, base = [], None
     for name, r in runs.items():
         totals = [d + s for d, s in times[name]]
@@ -157,7 +118,7 @@ def run(args) -> list[Row]:
             extra["predicted_speedup"] = base[1] / cost
             extra["measured/predicted"] = (base[0] / ms) / (base[1] / cost)
         if args.breakdown:
-            extra.update(_breakdown(r, feeds[name], args.at, device))
+            extra.update(_breakdown(r, BatchFeed(r), args.at, device))
         rows.append(Row("train_step", f"{args.method} b{args.batch} {args.size}px {name}", "effkern",
                         "bf16" if device.type == "cuda" else "float32", ms,
                         ratios={"baseline": base[0] / ms} if rows else {}, extra=extra))
@@ -174,7 +135,8 @@ def _breakdown(run, feed, at, device) -> dict:
     def step():
         run.state["spent"] = at * run.budget
         run.train_step(views, labels)
-        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     parts = _profile.breakdown(step)
     mem, _what = _profile.peak_memory_mib(step, device, params=list(run.method.parameters()))

@@ -12,7 +12,48 @@ from __future__ import annotations
 import statistics
 import time
 
-__all__ = ["steps_per_stage", "interleaved_step_times", "interleaved_wall_clock"]
+__all__ = ["BatchFeed", "time_step", "steps_per_stage", "interleaved_step_times", "interleaved_wall_clock"]
+
+
+class BatchFeed:
+    """Endless batches of one ``Run``: its seeded loader, the next epoch when one ends."""
+
+    def __init__(self, run):
+        self.run, self.epoch, self.it = run, 0, None
+
+    def next(self):
+        from effkern.train.data import make_loader
+
+        for _ in range(2):
+            if self.it is None:
+                self.it = iter(make_loader(self.run.dataset, self.run.local_batch, self.epoch, self.run.cfg.seed))
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it, self.epoch = None, self.epoch + 1
+        raise RuntimeError("the loader yields no batch")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_step(run, feed: BatchFeed, progress: float) -> tuple[float, float]:
+    """(data seconds, step seconds) of one training step of ``run`` at budget ``progress``
+    (the stage the schedule has there): the next batch from ``feed`` (loading and
+    augmentation in this process), then ``Run.train_step``, the device synchronised."""
+    t0 = time.perf_counter()
+    views, labels = feed.next()
+    t1 = time.perf_counter()
+    run.state["spent"] = progress * run.budget
+    _sync(run.device)
+    t2 = time.perf_counter()
+    run.train_step(views, labels)
+    _sync(run.device)
+    return t1 - t0, time.perf_counter() - t2
 
 
 def steps_per_stage(run) -> dict[float, int]:
@@ -30,51 +71,34 @@ def steps_per_stage(run) -> dict[float, int]:
         spent += cost
 
 
-def interleaved_step_times(runs: dict, repeats: int = 10, warmup: int = 2) -> dict[tuple[str, float], list[float]]:
-    """{(run name, stage start): step seconds} of ``repeats`` rounds (after ``warmup``
-    untimed rounds); a round takes one step of every stage of every run, in turn."""
-    from effkern.train.data import make_loader
-
+def interleaved_step_times(runs: dict, repeats: int = 10, warmup: int = 2,
+                           slots: list | None = None) -> dict[tuple[str, float], list[tuple[float, float]]]:
+    """{(run name, progress): [(data s, step s), ...]} of ``repeats`` rounds (after
+    ``warmup`` untimed rounds); a round takes one step of every slot in turn.  ``slots``:
+    (run name, budget progress) pairs; default every stage start of every run."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    slots = [(name, start) for name, run in runs.items() for start, _end, _stage in run.schedule.intervals()]
-    times: dict[tuple[str, float], list[float]] = {slot: [] for slot in slots}
-    epoch = 0
-    batches: dict[str, object] = {}
+    if slots is None:
+        slots = [(name, start) for name, run in runs.items() for start, _end, _stage in run.schedule.intervals()]
+    feeds = {name: BatchFeed(run) for name, run in runs.items()}
+    times: dict[tuple[str, float], list[tuple[float, float]]] = {slot: [] for slot in slots}
     for rnd in range(warmup + repeats):
-        for name, start in slots:
-            run = runs[name]
-            if name not in batches:
-                batches[name] = iter(make_loader(run.dataset, run.local_batch, epoch, run.cfg.seed))
-            try:
-                views, labels = next(batches[name])
-            except StopIteration:
-                epoch += 1
-                batches[name] = iter(make_loader(run.dataset, run.local_batch, epoch, run.cfg.seed))
-                views, labels = next(batches[name])
-            run.state["spent"] = start * run.budget  # this step runs at the slot's stage
-            sync = run.device.type == "cuda"
-            if sync:
-                import torch
-
-                torch.cuda.synchronize(run.device)
-            t0 = time.perf_counter()
-            run.train_step(views, labels)
-            if sync:
-                torch.cuda.synchronize(run.device)
+        for name, progress in slots:
+            t = time_step(runs[name], feeds[name], progress)
             if rnd >= warmup:
-                times[(name, start)].append(time.perf_counter() - t0)
+                times[(name, progress)].append(t)
     return times
 
 
 def interleaved_wall_clock(runs: dict, repeats: int = 10, warmup: int = 2) -> dict[str, dict]:
     """Per run: predicted wall-clock seconds of its whole budget from interleaved median step
-    times, seconds per unit of budget, steps, and the median step time per stage."""
+    times (the train step, data loading excluded), seconds per unit of budget, steps, and the
+    median step time per stage."""
     plans = {name: steps_per_stage(run) for name, run in runs.items()}  # before timing moves the state
     times = interleaved_step_times(runs, repeats, warmup)
     out = {}
     for name, run in runs.items():
-        med = {start: statistics.median(times[(name, start)]) for start in plans[name]}
+        med = {start: statistics.median(step for _data, step in times[(name, start)]) for start in plans[name]}
         seconds = sum(n * med[start] for start, n in plans[name].items())
         spent = sum(n * run.step_cost(run.schedule.at(start)) for start, n in plans[name].items())
         out[name] = {"seconds": seconds, "seconds_per_unit": seconds / spent, "steps": sum(plans[name].values()),
