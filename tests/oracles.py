@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from effkern.bench.common import rel_err  # noqa: F401  (the one relative-error measure; re-exported)
+
 
 def fft_crop_oracle(x: torch.Tensor, size, mean=None, std=None) -> torch.Tensor:
     """EfficientTrain's frequency crop: fftshift, centre crop (h, w), ifftshift,
@@ -20,9 +22,3 @@ def fft_crop_oracle(x: torch.Tensor, size, mean=None, std=None) -> torch.Tensor:
     if mean is not None:
         y = (y - mean.double().reshape(-1, 1, 1)) / std.double().reshape(-1, 1, 1)
     return y
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)

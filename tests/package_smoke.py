@@ -20,15 +20,11 @@ import sys
 import tempfile
 
 
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 def check_ops() -> None:
     import torch
 
     import effkern
+    from effkern.bench.common import rel_err
 
     info = effkern.build_info()
     assert info["cpu_kernels"] and info["load_error"] is None, info

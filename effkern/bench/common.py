@@ -116,6 +116,8 @@ def measured_copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> floa
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 on the CPU (||out - ref|| when ref is all zeros): the
+    one relative-error measure of effkern's benchmarks and tests (tests/oracles.py)."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     denom = ref64.norm().item()
     num = (out64 - ref64).norm().item()
