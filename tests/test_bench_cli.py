@@ -61,17 +61,19 @@ def test_bench_step_schedules_interleaved(capsys):
         assert float(row[col["ms"]]) > 0 and float(row[col["data_ms"]]) > 0 and float(row[col["t_optimizer"]]) > 0
 
 
-def test_docs_bench_vit_tables_are_current():
-    """docs/timm.md's bench vit tables are the committed JSON results, and the check can fail."""
+def test_docs_benchmark_tables_are_current():
+    """The bench vit / bench step tables of docs/timm.md and docs/benchmarks.md are the
+    committed JSON results, and the check can fail."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vit_doc_tables.py"
-    spec = importlib.util.spec_from_file_location("vit_doc_tables", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "doc_tables.py"
+    spec = importlib.util.spec_from_file_location("doc_tables", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    text = mod.DOC.read_text()
-    assert text.count("<!-- table:") == 3
-    assert mod.render(text) == text, "docs/timm.md: run python benchmarks/vit_doc_tables.py"
-    stale = text.replace("| p16 keep1 | effkern |", "| p16 keep1 | effkern | 1 |", 1)
-    assert mod.render(stale) != stale
+    timm_doc, bench_doc = (doc.read_text() for doc in mod.DOCS)
+    assert timm_doc.count("<!-- table:") == 3 and bench_doc.count("<!-- table:") == 1
+    for text in (timm_doc, bench_doc):
+        assert mod.render(text) == text, "run python benchmarks/doc_tables.py"
+    stale = bench_doc.replace("| const:keep=0.25 |", "| const:keep=0.25 | 1 |", 1)
+    assert stale != bench_doc and mod.render(stale) != stale
