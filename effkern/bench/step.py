@@ -34,7 +34,7 @@ import time
 import torch
 
 from effkern.bench.common import Row, int_at_least
-from effkern.train.timing import BatchFeed, interleaved_step_times
+from effkern.train.timing import BatchFeed, interleaved_step_times, sync
 
 BREAKDOWN = ("t_data", "t_embed", "t_attention", "t_matmul", "t_norm_act", "t_gather", "t_optimizer", "t_other")
 TABLE_EXTRA = ("data_ms", "step_ms", "ms_min", "ms_max", "images_per_s", "predicted_speedup",
@@ -135,8 +135,7 @@ def _breakdown(run, feed, at, device) -> dict:
     def step():
         run.state["spent"] = at * run.budget
         run.train_step(views, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
 
     parts = _profile.breakdown(step)
     mem, _what = _profile.peak_memory_mib(step, device, params=list(run.method.parameters()))

@@ -153,23 +153,22 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, out=None, lse=No
     ct = _compute_dtype(q.dtype)
     fused = q.device.type == "cpu" and _flash_cpu(q) is not None and all_finite(q)
     runs = contiguous_runs(cu_seqlens) if fused and q.dtype == ct else None
-    if runs is not None and len(runs) == 1 and out is None and runs[0][1] * runs[0][2] == total:
-        # one run of equal lengths (keep None / a ratio): ATen's (n, H, L, D) output is laid
-        # out (n, L, H, D) in memory -- exactly (total, H, D): returned as is, no copy
-        (_, n, length), = runs
-        og, lg = _group_forward(*(_run_view(t, 0, n, length) for t in (q, k, v)), scale, True)
-        out = og.transpose(1, 2).reshape(total, heads, head_dim)
-        lse = torch.empty((heads, total), device=q.device, dtype=ct)
-        lse.unflatten(1, (n, length)).copy_(lg.transpose(0, 1))
-        return out, lse
-    out = torch.empty((total, heads, head_dim), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((heads, total), device=q.device, dtype=ct) if lse is None else lse
     if runs is not None:  # zero-copy views in, one slice copy out
+        # one run of equal lengths (keep None / a ratio) and no buffer given: ATen's (n, H, L,
+        # D) output is laid out (n, L, H, D) in memory -- exactly (total, H, D): returned as is
+        own = out is None and len(runs) == 1 and runs[0][1] * runs[0][2] == total
+        if out is None and not own:
+            out = torch.empty((total, heads, head_dim), device=q.device, dtype=q.dtype)
         for t0, n, length in runs:
             og, lg = _group_forward(*(_run_view(t, t0, n, length) for t in (q, k, v)), scale, True)
-            _run_view(out, t0, n, length).copy_(og)
+            if own:
+                out = og.transpose(1, 2).reshape(total, heads, head_dim)
+            else:
+                _run_view(out, t0, n, length).copy_(og)
             lse[:, t0:t0 + n * length].unflatten(1, (n, length)).copy_(lg.transpose(0, 1))
         return out, lse
+    out = torch.empty((total, heads, head_dim), device=q.device, dtype=q.dtype) if out is None else out
     for _, idx in _groups(cu_seqlens, q.device, heads):
         og, lg = _group_forward(*(_gather(t, idx, ct) for t in (q, k, v)), scale, fused)
         _scatter(out, idx, og)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 
-__all__ = ["BatchFeed", "time_step", "steps_per_stage", "interleaved_step_times", "interleaved_wall_clock"]
+__all__ = ["BatchFeed", "sync", "time_step", "steps_per_stage", "interleaved_step_times", "interleaved_wall_clock"]
 
 
 class BatchFeed:
@@ -34,7 +34,8 @@ class BatchFeed:
         raise RuntimeError("the loader yields no batch")
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device.type == "cuda":
         import torch
 
@@ -49,10 +50,10 @@ def time_step(run, feed: BatchFeed, progress: float) -> tuple[float, float]:
     views, labels = feed.next()
     t1 = time.perf_counter()
     run.state["spent"] = progress * run.budget
-    _sync(run.device)
+    sync(run.device)
     t2 = time.perf_counter()
     run.train_step(views, labels)
-    _sync(run.device)
+    sync(run.device)
     return t1 - t0, time.perf_counter() - t2
 
 
