@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Derive the aaip-* presets (effkern/schedules/aaip/*.json) with `effkern schedule search` on the
 # small-scale study's setting (benchmarks/study.py): Fashion-MNIST, all 60k training images at 28 px,
-# the small-image model preset (patch 4, 4 blocks, width 128), the study's heads, batch 128, the default
-# sqrt LR rule.  Procedure: a baseline reference run of 1 epoch-equivalent, checkpointed at
+# the small-image model preset (patch 4, 4 blocks, width 128), the study's heads, and the study's
+# smallest budget with its tuned hyper-parameters (EPOCHS=3.2 epochs-equivalent = 192k images, BATCH=64,
+# LR=2e-3 per 256 images, sqrt rule): the reference run is then the study's own `none` seed-0 baseline
+# trajectory, and the schedule's progress fractions refer to that run.  Procedure: a baseline reference
+# run of EPOCHS epochs-equivalent, checkpointed at
 # 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 8} x keep {1, .75, .5, .25}
 # (one keep for all branches) from N_BATCHES minibatches x REPEATS draws; CA-MSE = bias^2 + cost * Var / n
 # for each n in NS (the choice flips with n at small sample sizes: report the heatmaps for every n);
 # the monotone-decompression rule of docs/schedules_search.md.  The preset copied into the package is
-# the one for COPY_N.  Roughly 20-40 min per method on 2 idle cores.
+# the one for COPY_N (COPY=0: leave the package's presets alone, e.g. while study cells that use them
+# are still running).  Roughly 25-40 min per method on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EFFKERN=${EFFKERN:-.venv/bin/effkern}
@@ -15,6 +19,10 @@ N_BATCHES=${N_BATCHES:-8}
 REPEATS=${REPEATS:-4}
 NS=${NS:-1 4 16}
 COPY_N=${COPY_N:-4}
+COPY=${COPY:-1}
+EPOCHS=${EPOCHS:-3.2}
+BATCH=${BATCH:-64}
+LR=${LR:-2e-3}
 for m in ${METHODS:-mocov3 simclr dino}; do
   case $m in
     mocov3) MA=(--method-arg mlp_dim=512 --method-arg out_dim=128) ;;
@@ -28,10 +36,10 @@ for m in ${METHODS:-mocov3 simclr dino}; do
       ckpts="0,0.25:$out/reference/checkpoint_p0.25.pt,0.5:$out/reference/checkpoint_p0.5.pt"
       ckpts="$ckpts,0.75:$out/reference/checkpoint_p0.75.pt,1:$out/reference/checkpoint_p1.pt"
     fi
-    "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size 128 \
-      --epochs-equivalent 1 "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 8 --keeps 1 0.75 0.5 0.25 \
+    "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size "$BATCH" \
+      --lr "$LR" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 8 --keeps 1 0.75 0.5 0.25 \
       --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "$n" --no-progress --out "$out" --name "aaip-$m"
     mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
   done
-  cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"
+  if [ "$COPY" = 1 ]; then cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"; fi
 done

@@ -206,11 +206,15 @@ def train_config(cell: dict, runs: str = RUNS):
 def run_train_cell(cell: dict, runs: str = RUNS) -> dict:
     from effkern.train.loop import train
 
+    from effkern.schedules import get_schedule
+
     cfg = train_config(cell, runs)
     t0 = time.time()
     summary = train(cfg)
+    # the stages the schedule's name stood for when the cell ran (a preset can be re-derived later)
+    stages = json.loads(get_schedule(cfg.schedule).to_json())["stages"]
     return {**summary, "budget_images": cell["images"], "epochs_equivalent": cell["images"] / TRAIN_IMAGES,
-            "config": cfg.to_dict(), "process_wall_s": time.time() - t0}
+            "config": cfg.to_dict(), "schedule_stages": stages, "process_wall_s": time.time() - t0}
 
 
 def run_reference_cell(cell: dict) -> dict:
