@@ -6,7 +6,7 @@
 # LR=2e-3 per 256 images, sqrt rule): the reference run is then the study's own `none` seed-0 baseline
 # trajectory, and the schedule's progress fractions refer to that run.  Procedure: a baseline reference
 # run of EPOCHS epochs-equivalent, checkpointed at
-# 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 8} x keep {1, .75, .5, .25}
+# 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 7} (the sizes that tile 28 px: 49 and 16 tokens) x keep {1, .75, .5, .25}
 # (one keep for all branches) from N_BATCHES minibatches x REPEATS draws; CA-MSE = bias^2 + cost * Var / n
 # for each n in NS (the choice flips with n at small sample sizes: report the heatmaps for every n);
 # the monotone-decompression rule of docs/schedules_search.md.  The preset copied into the package is
@@ -37,7 +37,7 @@ for m in ${METHODS:-mocov3 simclr dino}; do
       ckpts="$ckpts,0.75:$out/reference/checkpoint_p0.75.pt,1:$out/reference/checkpoint_p1.pt"
     fi
     "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size "$BATCH" \
-      --lr "$LR" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 8 --keeps 1 0.75 0.5 0.25 \
+      --lr "$LR" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
       --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "$n" --no-progress --out "$out" --name "aaip-$m"
     mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
   done

@@ -260,7 +260,8 @@ def schedule_main(argv: list[str]) -> int:
     srch.add_argument("--checkpoints", default="0,0.25,0.5,0.75,1",
                       help="progress points; the reference run (schedule none, same budget) is trained "
                            "and checkpointed there, or give PROGRESS:PATH pairs of existing checkpoints")
-    srch.add_argument("--patch-sizes", type=int, nargs="+", default=None, help="default: native, 2x native")
+    srch.add_argument("--patch-sizes", type=int, nargs="+", default=None,
+                      help="default: native and 2x native, or the next larger size that divides --base-size")
     srch.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     srch.add_argument("--n-batches", type=int, default=4)
     srch.add_argument("--repeats", type=int, default=3)
@@ -337,12 +338,21 @@ def _built_shapes(args):
                                                cfg.patch_size)
 
 
+def default_search_patch_sizes(patch: int, base_size: int) -> list[int]:
+    """The native patch and the next coarser one that tiles the images: 2x native when it
+    divides ``base_size`` (224 px, 16 -> 32), else the smallest larger divisor (28 px, 4 -> 7)."""
+    if base_size % (2 * patch) == 0:
+        return [patch, 2 * patch]
+    return [patch] + [d for d in range(patch + 1, base_size + 1) if base_size % d == 0][:1]
+
+
 def _search(args) -> int:
     """Reference run checkpointed at the progress points (exact resume makes the pieces one
     run), then the CA-MSE search over the candidate grid at each checkpoint."""
     import dataclasses
     import shutil
 
+    from effkern.schedules.presets import check_patch_size
     from effkern.schedules.search import candidate_grid
     from effkern.train.schedule_search import search
     from effkern.train.loop import Run, train
@@ -363,6 +373,10 @@ def _search(args) -> int:
     ref_dir = os.path.join(out, "reference")
     ref = dataclasses.replace(cfg, out_dir=ref_dir, eval_every=0)
     probe = Run(ref)
+    patch = probe.model_cfg.patch_size
+    patch_sizes = args.patch_sizes or default_search_patch_sizes(patch, cfg.base_size)
+    for p in patch_sizes:  # before the reference run: a size that does not tile the views changes nothing
+        check_patch_size(p, cfg.base_size, f"--patch-sizes: patch size {p}")
     total_steps = int(probe.budget // probe.step_cost(probe.schedule.at(0.0)))
     done = 0
     for q in sorted(points):
@@ -379,8 +393,6 @@ def _search(args) -> int:
         path = os.path.join(ref_dir, f"checkpoint_p{q:g}.pt")
         shutil.copyfile(os.path.join(ref_dir, "checkpoint.pt"), path)
         checkpoints.append((q, path))
-    patch = probe.model_cfg.patch_size
-    patch_sizes = args.patch_sizes or [patch, 2 * patch]
     # one keep ratio for every branch (views and momentum/teacher passes alike)
     candidates = candidate_grid(patch_sizes, args.keeps, branches=("default",), tied=True)
     schedule = search(lambda: Run(dataclasses.replace(cfg, out_dir=os.path.join(out, "scratch"))), checkpoints,

@@ -412,6 +412,24 @@ def test_cli_rejects(argv, match, tmp_path, capsys):
     assert match in line, line
 
 
+def test_cli_search_rejects_a_patch_size_not_tiling_the_images_before_training(tmp_path, capsys):
+    # patch 6 at 16 px would tile no view: its candidates would silently equal the native
+    # patch's (the trainer keeps the native patch on views a stage's patch does not tile)
+    out = tmp_path / "search"
+    line = run_cli(["schedule", "search", *TINY, "--patch-sizes", "4", "6", "--out", str(out)], capsys)
+    assert "--patch-sizes: patch size 6 does not divide the 16 px images" in line, line
+    assert not (out / "reference" / "checkpoint.pt").exists()  # rejected before the reference run
+
+
+def test_search_default_patch_sizes_tile_the_images():
+    from effkern.cli_train import default_search_patch_sizes
+
+    assert default_search_patch_sizes(16, 224) == [16, 32]
+    assert default_search_patch_sizes(4, 28) == [4, 7]     # 8 does not divide 28
+    assert default_search_patch_sizes(4, 32) == [4, 8]
+    assert default_search_patch_sizes(5, 5) == [5]         # nothing coarser tiles a 5 px image
+
+
 def test_cli_patch_not_dividing_the_image_is_an_error(tmp_path, capsys):
     line = run_cli(["train", *TINY, "--schedule", "const:patch=3", "--out", str(tmp_path / "run")], capsys)
     assert "patch size 3" in line and "does not divide the 16 px images" in line

@@ -157,11 +157,16 @@ def check_patch_sizes(schedule: Schedule, image_size: int) -> None:
     views' size): those views would silently keep the native patch size.  Views of
     other sizes (e.g. DINO's local crops) still fall back to the native patch."""
     for start, stage in schedule.stages:
-        p = stage.patch_size
-        if p is not None and image_size % p:
-            divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
-            raise ValueError(f"schedule {schedule.name!r}: patch size {p} (stage at progress {start:g}) does "
-                             f"not divide the {image_size} px images; use one of {divisors}")
+        if stage.patch_size is not None:
+            check_patch_size(stage.patch_size, image_size,
+                             f"schedule {schedule.name!r}: patch size {stage.patch_size} (stage at progress {start:g})")
+
+
+def check_patch_size(p: int, image_size: int, what: str) -> None:
+    """ValueError naming ``what`` when patch size ``p`` does not tile ``image_size`` px."""
+    if p < 1 or image_size % p:
+        divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
+        raise ValueError(f"{what} does not divide the {image_size} px images; use one of {divisors}")
 
 
 def etpp_magnitude(progress: float) -> int:
