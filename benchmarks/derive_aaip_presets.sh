@@ -40,6 +40,9 @@ for m in ${METHODS:-mocov3 simclr dino}; do
       --lr "$LR" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
       --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "$n" --no-progress --out "$out" --name "aaip-$m"
     mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
+    # committed beside the study (benchmarks/study.py summarize reports them in docs/results.md)
+    keep="benchmarks/results/aaip_search/$m/n$n"
+    mkdir -p "$keep" && cp "$out"/search.json "$out"/search.md "$out"/heatmap_*.png "$out/schedule.json" "$keep/"
   done
   if [ "$COPY" = 1 ]; then cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"; fi
 done

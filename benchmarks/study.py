@@ -374,6 +374,9 @@ def summarize(results: str = RESULTS) -> dict:
                                   "probe_acc" in r for r in rs) else None,
                               "knn_per_seed": [r["knn_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])]}
                 for images, rs in sorted(cells.items())}
+        aaip = [r for r in finals if r["cell"]["schedule"] == f"aaip-{method}" and "schedule_stages" in r]
+        if aaip:
+            entry["aaip_stages"] = aaip[0]["schedule_stages"]
         base = entry["schedules"].get("none", {})
         base_curve = {v["images"]: v["knn_per_seed"] for v in base.values()}
         for schedule, per_budget in entry["schedules"].items():
@@ -463,6 +466,49 @@ def _shown(summary: dict) -> list[str]:
     return out
 
 
+def _stages_text(stages: list[dict]) -> str:
+    """``[{"start": 0.0, "stage": {...}}, ...]`` -> '0: p4 keep 0.25; 0.625: p4 keep 1'."""
+    parts = []
+    for s in stages:
+        st = s["stage"]
+        keep = st.get("keep", {}).get("default", 1.0) if isinstance(st.get("keep"), dict) else st.get("keep")
+        patch = st.get("patch_size") or "native"
+        parts.append(f"{s['start']:g}: patch {patch} keep {keep:g}")
+    return "; ".join(parts)
+
+
+def _search_section(method: str, entry: dict) -> list[str]:
+    """The AAIP search re-run at the study's scale (benchmarks/derive_aaip_presets.sh ->
+    benchmarks/results/aaip_search/<method>/n<N>/), beside the stages the study's aaip cells ran."""
+    base = os.path.join(os.path.dirname(RESULTS), "aaip_search", method)
+    runs = []
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        path = os.path.join(base, name, "search.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                runs.append((name, json.load(f)))
+    if not runs:
+        return []
+    runs.sort(key=lambda r: r[1]["n"])
+    L = [f"AAIP search re-run at this scale (`benchmarks/derive_aaip_presets.sh`: the {method} baseline of "
+         "the smallest budget with its tuned batch size and LR as the reference run, seed 0, checkpoints at 0 / 25 "
+         "/ 50 / 75 / 100 % of it; CA-MSE = bias^2 + cost * Var / n of every patch x keep candidate; the "
+         "monotone-decompression rule):", "",
+         "| n | minibatches x draws | stages chosen (progress: stage) |", "|---|---|---|"]
+    for name, d in runs:
+        L.append(f"| {d['n']:g} | {d['n_batches']} x {d['repeats']} | {_stages_text(d['schedule']['stages'])} |")
+    used = entry.get("aaip_stages")
+    if used:
+        L += ["", f"The study's `aaip-{method}` cells ran the package preset: {_stages_text(used)}."]
+    rel = os.path.relpath(base, os.path.dirname(REPORT))
+    name = runs[0][0]
+    L += ["", f"CA-MSE, bias^2 and cost-adjusted variance per checkpoint (n = {runs[0][1]['n']:g}): "
+          + ", ".join(f"[progress {p:g}]({rel}/{name}/heatmap_{k}.png)"
+                      for k, p in enumerate(r[0]["progress"] for r in runs[0][1]["rows"]))
+          + f"; full tables in `{rel}/<n>/search.md`.", ""]
+    return L
+
+
 def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
     """docs/results.md from summary.json: only what the finished cells show."""
     L = ["# Results: compute saved at equal accuracy (small-scale study)", "",
@@ -531,6 +577,7 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
         else:
             L += ["No final (test-split) cell has finished: **nothing about compute saved is shown yet** for "
                   f"{method}.  The papers' factor to compare with: {PAPERS[method]}.", ""]
+        L += _search_section(method, entry)
     if os.path.exists(os.path.join(os.path.dirname(path), "results_knn_vs_budget.png")) and any(
             e["schedules"] for e in summary["methods"].values()):
         L += ["![kNN and linear probe vs budget, seed error bars](results_knn_vs_budget.png)", ""]
