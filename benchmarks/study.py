@@ -477,10 +477,13 @@ def _stages_text(stages: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def _search_section(method: str, entry: dict) -> list[str]:
+SEARCH_RESULTS = os.path.join(REPO, "benchmarks", "results", "aaip_search")
+
+
+def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS) -> list[str]:
     """The AAIP search re-run at the study's scale (benchmarks/derive_aaip_presets.sh ->
     benchmarks/results/aaip_search/<method>/n<N>/), beside the stages the study's aaip cells ran."""
-    base = os.path.join(os.path.dirname(RESULTS), "aaip_search", method)
+    base = os.path.join(searches, method)
     runs = []
     for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
         path = os.path.join(base, name, "search.json")

@@ -158,3 +158,23 @@ def test_a_cell_resumes_only_when_its_run_directory_holds_a_checkpoint(tmp_path)
     os.makedirs(cfg.out_dir)
     open(os.path.join(cfg.out_dir, "checkpoint.pt"), "wb").close()
     assert study.train_config(cell, str(tmp_path)).resume
+
+
+def test_report_lists_the_search_rerun_beside_the_stages_the_aaip_cells_ran(tmp_path):
+    import json
+
+    stage = {"patch_size": 4, "keep": {"default": 0.25}, "resolution": 1.0, "randaug_magnitude": None, "name": "a"}
+    full = dict(stage, keep={"default": 1.0}, name="b")
+    for n in (4, 1):
+        os.makedirs(tmp_path / "mocov3" / f"n{n}")
+        stages = [{"start": 0.0, "stage": stage}] + ([{"start": 0.125, "stage": full}] if n == 4 else [])
+        rows = [[{"progress": p}] for p in (0.0, 0.5)]
+        with open(tmp_path / "mocov3" / f"n{n}" / "search.json", "w") as f:
+            json.dump({"n": n, "n_batches": 8, "repeats": 4, "schedule": {"stages": stages}, "rows": rows}, f)
+    lines = study._search_section("mocov3", {"aaip_stages": [{"start": 0.0, "stage": stage}]}, str(tmp_path))
+    table = [line for line in lines if line.startswith("| 1 ") or line.startswith("| 4 ")]
+    assert table == ["| 1 | 8 x 4 | 0: patch 4 keep 0.25 |",
+                     "| 4 | 8 x 4 | 0: patch 4 keep 0.25; 0.125: patch 4 keep 1 |"]  # sorted by n
+    assert any("ran the package preset: 0: patch 4 keep 0.25." in line for line in lines)
+    assert any("n1/heatmap_1.png" in line and "progress 0.5" in line for line in lines)
+    assert study._search_section("simclr", {}, str(tmp_path)) == []  # no search: no section
