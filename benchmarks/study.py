@@ -50,6 +50,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results", "study")
+SEARCH_RESULTS = os.path.join(REPO, "benchmarks", "results", "aaip_search")  # benchmarks/derive_aaip_presets.sh
 RUNS = os.path.join(REPO, "runs", "study")
 REPORT = os.path.join(REPO, "docs", "results.md")
 
@@ -73,8 +74,17 @@ PAPERS = {"mocov3": "4x (AAIP, MoCo v3)", "simclr": "3.3x (AAIP, SimCLR)", "dino
           "supervised": "1.5-3x (EfficientTrain++, supervised)"}
 
 
+REDERIVED = "aaip-rederived-n1"  # the AAIP search re-run at this scale (n = 1), when its output is committed
+
+
+def rederived_schedule_file(method: str) -> str:
+    return os.path.join(SEARCH_RESULTS, method, "n1", "schedule.json")
+
+
 def schedules_for(method: str) -> list[str]:
-    """The baseline first, then the compressed schedules of the method."""
+    """The baseline first, then the compressed schedules of the method: const keep 0.5, the
+    package's aaip preset, the AAIP search re-run at this scale (``REDERIVED``, once
+    benchmarks/derive_aaip_presets.sh has written it), efficienttrain++."""
     if method == "supervised":
         return ["none", "efficienttrain++"]
     from effkern.schedules import PRESETS
@@ -82,7 +92,14 @@ def schedules_for(method: str) -> list[str]:
     names = ["none", "const:keep=0.5"]
     if f"aaip-{method}" in PRESETS:
         names.append(f"aaip-{method}")
+    if os.path.exists(rederived_schedule_file(method)):
+        names.append(REDERIVED)
     return names + ["efficienttrain++"]
+
+
+def trainer_schedule(method: str, schedule: str) -> str:
+    """The --schedule value of a study schedule name (``REDERIVED`` -> its file)."""
+    return f"file:{rederived_schedule_file(method)}" if schedule == REDERIVED else schedule
 
 
 # ----------------------------------------------------------------------------- cells
@@ -197,7 +214,8 @@ def train_config(cell: dict, runs: str = RUNS):
     out_dir = os.path.join(runs, cell_id(cell))
     return TrainConfig(method=cell["method"], method_kwargs=dict(METHOD_KWARGS[cell["method"]]), data=DATA,
                        base_size=BASE_SIZE, val_split=VAL_SPLIT if val else 0,
-                       budget=cell["images"] * units_per_image(cell["method"]) / 1e6, schedule=cell["schedule"],
+                       budget=cell["images"] * units_per_image(cell["method"]) / 1e6,
+                       schedule=trainer_schedule(cell["method"], cell["schedule"]),
                        batch_size=cell["batch"], lr=cell["lr"], seed=cell["seed"],
                        out_dir=out_dir, ckpt_every=CKPT_EVERY, log_every=50, linear_probe=True,
                        progress_bar=False, resume=bool(checkpoint.available(out_dir)))  # resume an interrupted cell
@@ -251,7 +269,8 @@ def run_timing_cell(cell: dict, repeats: int = 12, warmup: int = 2) -> dict:
     base_cfg = train_config({**cell, "kind": "final", "schedule": "none", "images": BUDGET_IMAGES[0], "lr": 2e-3,
                              "seed": 0, "split": "test"})
     base_cfg = dataclasses.replace(base_cfg, linear_probe=False, resume=False, out_dir=os.path.join(RUNS, "timing"))
-    runs = {"none": Run(base_cfg), cell["schedule"]: Run(dataclasses.replace(base_cfg, schedule=cell["schedule"]))}
+    runs = {"none": Run(base_cfg), cell["schedule"]: Run(dataclasses.replace(
+        base_cfg, schedule=trainer_schedule(cell["method"], cell["schedule"])))}
     out = interleaved_wall_clock(runs, repeats=repeats, warmup=warmup)
     out["time_per_unit_ratio"] = out["none"]["seconds_per_unit"] / out[cell["schedule"]]["seconds_per_unit"]
     return out
@@ -475,9 +494,6 @@ def _stages_text(stages: list[dict]) -> str:
         patch = st.get("patch_size") or "native"
         parts.append(f"{s['start']:g}: patch {patch} keep {keep:g}")
     return "; ".join(parts)
-
-
-SEARCH_RESULTS = os.path.join(REPO, "benchmarks", "results", "aaip_search")
 
 
 def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS) -> list[str]:

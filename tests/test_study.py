@@ -178,3 +178,22 @@ def test_report_lists_the_search_rerun_beside_the_stages_the_aaip_cells_ran(tmp_
     assert any("ran the package preset: 0: patch 4 keep 0.25." in line for line in lines)
     assert any("n1/heatmap_1.png" in line and "progress 0.5" in line for line in lines)
     assert study._search_section("simclr", {}, str(tmp_path)) == []  # no search: no section
+
+
+def test_the_rederived_schedule_joins_the_study_once_its_file_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "SEARCH_RESULTS", str(tmp_path))
+    assert study.REDERIVED not in study.schedules_for("mocov3")
+    path = tmp_path / "mocov3" / "n1" / "schedule.json"
+    os.makedirs(path.parent)
+    path.write_text('{"name": "aaip-mocov3", "stages": [{"start": 0.0, "stage": {"keep": {"default": 0.25}}}]}')
+    names = study.schedules_for("mocov3")
+    assert names[0] == "none" and study.REDERIVED in names
+    assert study.trainer_schedule("mocov3", study.REDERIVED) == f"file:{path}"
+    assert study.trainer_schedule("mocov3", "aaip-mocov3") == "aaip-mocov3"
+    cell = {"kind": "final", "method": "mocov3", "schedule": study.REDERIVED, "images": study.BUDGET_IMAGES[0],
+            "batch": 64, "lr": 2e-3, "seed": 0, "split": "test"}
+    from effkern.schedules import get_schedule
+
+    cfg = study.train_config(cell, str(tmp_path / "runs"))
+    assert dict(get_schedule(cfg.schedule).at(0.0).keep) == {"default": 0.25}
+    assert "/" not in study.cell_id(cell).split("/final/")[1].split("/")[0]  # one directory level per part
