@@ -42,7 +42,8 @@ for m in ${METHODS:-mocov3 simclr dino}; do
     mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
     # committed beside the study (benchmarks/study.py summarize reports them in docs/results.md)
     keep="benchmarks/results/aaip_search/$m/n$n"
-    mkdir -p "$keep" && cp "$out"/search.json "$out"/search.md "$out"/heatmap_*.png "$out/schedule.json" "$keep/"
+    mkdir -p "$keep" && cp "$out"/search.json "$out"/search.md "$out/schedule.json" "$keep/"
+    if [ "$n" = "${NS%% *}" ]; then cp "$out"/heatmap_*.png "$keep/"; fi  # heatmaps of the first n only
   done
   if [ "$COPY" = 1 ]; then cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"; fi
 done

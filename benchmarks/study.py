@@ -516,6 +516,14 @@ def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS) ->
          "| n | minibatches x draws | stages chosen (progress: stage) |", "|---|---|---|"]
     for name, d in runs:
         L.append(f"| {d['n']:g} | {d['n_batches']} x {d['repeats']} | {_stages_text(d['schedule']['stages'])} |")
+    for _, d in runs:
+        points = [rows[0]["progress"] for rows in d["rows"]]
+        ref_best = [rows[0]["progress"] for rows in d["rows"]
+                    if any(r.get("argmin") and abs(r.get("cost", 0.0) - 1.0) < 1e-9 for r in rows)]
+        L.append("")
+        L.append(f"At n = {d['n']:g} the uncompressed candidate (cost 1) has the lowest CA-MSE at progress "
+                 f"{', '.join(f'{p:g}' for p in ref_best) or 'none'} (checkpoints: "
+                 f"{', '.join(f'{p:g}' for p in points)}).")
     used = entry.get("aaip_stages")
     if used:
         L += ["", f"The study's `aaip-{method}` cells ran the package preset: {_stages_text(used)}."]

@@ -168,7 +168,8 @@ def test_report_lists_the_search_rerun_beside_the_stages_the_aaip_cells_ran(tmp_
     for n in (4, 1):
         os.makedirs(tmp_path / "mocov3" / f"n{n}")
         stages = [{"start": 0.0, "stage": stage}] + ([{"start": 0.125, "stage": full}] if n == 4 else [])
-        rows = [[{"progress": p}] for p in (0.0, 0.5)]
+        rows = [[{"progress": p, "cost": 1.0, "argmin": p > 0}, {"progress": p, "cost": 0.3, "argmin": p == 0}]
+                for p in (0.0, 0.5)]
         with open(tmp_path / "mocov3" / f"n{n}" / "search.json", "w") as f:
             json.dump({"n": n, "n_batches": 8, "repeats": 4, "schedule": {"stages": stages}, "rows": rows}, f)
     lines = study._search_section("mocov3", {"aaip_stages": [{"start": 0.0, "stage": stage}]}, str(tmp_path))
@@ -176,6 +177,7 @@ def test_report_lists_the_search_rerun_beside_the_stages_the_aaip_cells_ran(tmp_
     assert table == ["| 1 | 8 x 4 | 0: patch 4 keep 0.25 |",
                      "| 4 | 8 x 4 | 0: patch 4 keep 0.25; 0.125: patch 4 keep 1 |"]  # sorted by n
     assert any("ran the package preset: 0: patch 4 keep 0.25." in line for line in lines)
+    assert any("has the lowest CA-MSE at progress 0.5 (checkpoints: 0, 0.5)" in line for line in lines)
     assert any("n1/heatmap_1.png" in line and "progress 0.5" in line for line in lines)
     assert study._search_section("simclr", {}, str(tmp_path)) == []  # no search: no section
 
