@@ -375,7 +375,11 @@ def summarize(results: str = RESULTS) -> dict:
                 entry["tune"].append({"images": c["images"], "batch": c["batch"], "lr": c["lr"],
                                       "steps": r["steps"], "val_knn": r["knn_acc"], "val_probe": r.get("probe_acc")})
             elif c["kind"] == "timing":
-                entry["timing"][c["schedule"]] = {k: r[k] for k in ("time_per_unit_ratio",) if k in r}
+                t = {k: r[k] for k in ("time_per_unit_ratio",) if k in r}
+                if "none" in r and c["schedule"] in r:  # predicted whole-budget training seconds and steps
+                    t.update(baseline_seconds=r["none"]["seconds"], baseline_steps=r["none"]["steps"],
+                             seconds=r[c["schedule"]]["seconds"], steps=r[c["schedule"]]["steps"])
+                entry["timing"][c["schedule"]] = t
         for split, ref in entry["reference"].items():
             entry["reference"][split] = {k: _stats(v) for k, v in ref.items()}
         finals = [r for r in mine if r["cell"]["kind"] == "final"]
@@ -601,7 +605,21 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                              f"{'/'.join(map(str, v['steps']))} | {_pct(v['knn'])} | {_pct(v['probe'])} | "
                              f"{saved} | {wall} |")
             L.append("")
-        else:
+        if entry["timing"]:
+            L += ["Step times, measured interleaved (baseline and schedule steps alternating in one process, "
+                  "medians per stage; training steps only, data loading excluded) at the smallest budget and its "
+                  "tuned batch size, turned into the whole budget's training time:", "",
+                  "| schedule | steps (baseline) | predicted training s (baseline) | time per unit of budget, "
+                  "baseline / schedule |", "|---|---|---|---|"]
+            for schedule, t in sorted(entry["timing"].items()):
+                if "seconds" in t:
+                    L.append(f"| {schedule} | {t['steps']} ({t['baseline_steps']}) | {t['seconds']:.0f} "
+                             f"({t['baseline_seconds']:.0f}) | {t['time_per_unit_ratio']:.2f}x |")
+                elif "time_per_unit_ratio" in t:
+                    L.append(f"| {schedule} | - | - | {t['time_per_unit_ratio']:.2f}x |")
+            L += ["", "Below 1x the schedule turns a unit of compute into more seconds than the baseline does "
+                  "(per-step work outside the FLOP model, paid on more, smaller steps).", ""]
+        if not entry["schedules"]:
             L += ["No final (test-split) cell has finished: **nothing about compute saved is shown yet** for "
                   f"{method}.  The papers' factor to compare with: {PAPERS[method]}.", ""]
         L += _search_section(method, entry)

@@ -109,7 +109,8 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
                 "lr": 2e-3, "seed": seed, "split": "test"}
         study.write_result(cell, {"knn_acc": 0.742, "probe_acc": 0.8, "steps": 20}, results)
     study.write_result({"kind": "timing", "method": "mocov3", "schedule": "const:keep=0.5", "batch": 128},
-                       {"time_per_unit_ratio": 0.9}, results)
+                       {"time_per_unit_ratio": 0.9, "none": {"seconds": 90.0, "steps": 10},
+                        "const:keep=0.5": {"seconds": 100.0, "steps": 20}}, results)
     summary = study.summarize(results)
     m = summary["methods"]["mocov3"]
     base = m["schedules"]["none"][str(B[0])]
@@ -122,6 +123,7 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     text = open(report).read()
     assert "| mocov3 | 12 | 99 |" in text and "simclr: no finished cell; nothing is shown" in text
     assert "mocov3 const:keep=0.5 at 3.2 epochs-eq.: factor 2.0" in text
+    assert "| const:keep=0.5 | 20 (10) | 100 (90) | 0.90x |" in text  # the interleaved timing table
     assert "## simclr" not in text  # no section for a method without cells
     assert math.isnan(study._stats([0.5])["std"])
 
