@@ -222,9 +222,8 @@ def train_config(cell: dict, runs: str = RUNS):
 
 
 def run_train_cell(cell: dict, runs: str = RUNS) -> dict:
-    from effkern.train.loop import train
-
     from effkern.schedules import get_schedule
+    from effkern.train.loop import train
 
     cfg = train_config(cell, runs)
     t0 = time.time()
@@ -490,7 +489,7 @@ def _shown(summary: dict) -> list[str]:
 
 
 def _stages_text(stages: list[dict]) -> str:
-    """``[{"start": 0.0, "stage": {...}}, ...]`` -> '0: p4 keep 0.25; 0.625: p4 keep 1'."""
+    """``[{"start": 0.0, "stage": {...}}, ...]`` -> '0: patch 4 keep 0.25; 0.625: patch 4 keep 1'."""
     parts = []
     for s in stages:
         st = s["stage"]
