@@ -44,16 +44,27 @@ def _bench(argv: list[str]) -> int:
         from effkern.cpu_allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
+    title = f"effkern bench {args.name} on {environment(device)['device_name']} ({device})"
+    extra_cols = getattr(module, "TABLE_EXTRA", ())
+    command = "effkern bench " + " ".join(argv)
+    shown = 0
+
+    def partial(rows):  # effkern.bench.common.report_partial: a run cut short keeps these
+        nonlocal shown
+        print(format_table(rows[shown:], extra_cols=extra_cols), flush=True)
+        shown = len(rows)
+        if args.out:
+            write_results(args.out, rows, environment(device), command, title + " (partial: run in progress)",
+                          extra_cols=extra_cols)
+
+    args.partial_hook = partial
     try:
         rows = module.run(args)
     except ValueError as exc:  # effkern's own argument checks on a combination of options
         parser.error(str(exc))
-    title = f"effkern bench {args.name} on {environment(device)['device_name']} ({device})"
-    extra_cols = getattr(module, "TABLE_EXTRA", ())
     print(format_table(rows, title, extra_cols=extra_cols))
     if args.out:
-        write_results(args.out, rows, environment(device), "effkern bench " + " ".join(argv), title,
-                      extra_cols=extra_cols)
+        write_results(args.out, rows, environment(device), command, title, extra_cols=extra_cols)
     return 0
 
 

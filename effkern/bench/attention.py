@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from effkern.bench.common import Row, comma_list, int_at_least, keep_ratio, rel_err, time_fn
+from effkern.bench.common import Row, comma_list, int_at_least, keep_ratio, rel_err, report_partial, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"vit-s": (6, 64), "vit-b": (12, 64), "vit-l": (16, 64), "vit-h": (16, 80)}
@@ -248,5 +248,6 @@ def run(args) -> list[Row]:
             raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
         for label, lengths in _workloads(args, args.batch, gen):
             rows += _shape_rows(args, device, model, label, lengths, gen)
+            report_partial(args, rows)
     assert all(math.isfinite(r.ms) or "error" in r.extra for r in rows)
     return rows

@@ -124,6 +124,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / denom if denom > 0 else num
 
 
+def report_partial(args, rows: Sequence[Row]) -> None:
+    """A benchmark calls this after each finished group of rows (a workload, a model):
+    the CLI prints the new rows and rewrites ``--out`` with every row so far, so a run
+    cut at a time limit keeps what finished.  A no-op when nobody listens."""
+    hook = getattr(args, "partial_hook", None)
+    if hook is not None:
+        hook(list(rows))
+
+
 def environment(device: torch.device) -> dict:
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from effkern.bench.common import Row, comma_list, int_at_least, keep_ratio, synchronize
+from effkern.bench.common import Row, comma_list, int_at_least, keep_ratio, report_partial, synchronize
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {
@@ -330,6 +330,7 @@ def run(args) -> list[Row]:
         settings = _settings(args, device, name, gen)
         time_interleaved(settings, device, args.repeat)
         rows += _rows(args, device, name, settings)
+        report_partial(args, rows)
         del settings
         if device.type == "cuda":
             torch.cuda.empty_cache()
