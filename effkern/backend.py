@@ -3,15 +3,18 @@
 Backends
 --------
 ``auto``       the native kernel of the tensor's device when one was compiled
-               (C++ on CPU, CUDA C++ on CUDA), else Triton on CUDA, else the
-               PyTorch reference.
+               (C++ on CPU, CUDA C++ on CUDA), else ``flash`` on CUDA where the op
+               has it and FlashAttention-2 can run the tensor, else Triton on CUDA,
+               else the PyTorch reference.
 ``triton``     the op's Triton kernel, also on CPU tensors when
                ``TRITON_INTERPRET=1`` was set before ``import effkern`` (CI runs
                the real kernel code this way).
 ``cuda``       the CUDA C++ kernel (CUDA tensors).
 ``flash``      PyTorch's FlashAttention-2 (``torch.nn.attention.varlen``, torch >= 2.10)
                for ``varlen_attention`` on CUDA fp16/bf16, sm_80+, head_dim % 8 == 0
-               (elsewhere: ``auto``).  Not the ``auto`` choice: see docs/ops_attention.md.
+               (elsewhere: Triton).  The ``auto`` choice there since the first H200
+               measurement (docs/ops_attention.md); ``triton`` for bitwise-reproducible
+               backward passes.
 ``cpu``        the C++ CPU kernel (CPU tensors).
 ``reference``  the plain PyTorch implementation (any device).
 
@@ -105,6 +108,8 @@ def select(device: torch.device, available: Iterable[str]) -> str:
     if kind == "cuda":
         if "cuda" in available:
             return "cuda"
+        if "flash" in available:  # the op checks that FlashAttention-2 can run the tensor
+            return "flash"
         if "triton" in available and triton_available():
             return "triton"
     if kind == "cpu" and "cpu" in available:

@@ -36,6 +36,8 @@ def test_backend_switch():
         assert select(torch.device("cpu"), {"triton", "reference"}) == "reference"
         assert select(torch.device("cuda"), {"triton", "reference"}) == "triton"
         assert select(torch.device("cuda"), {"cuda", "triton", "reference"}) == "cuda"
+        assert select(torch.device("cuda"), {"flash", "triton", "reference"}) == "flash"
+        assert select(torch.device("cpu"), {"flash", "reference"}) == "reference"
     with effkern.use_backend("cuda"):  # not applicable to CPU tensors: auto
         assert select(torch.device("cpu"), {"cpu", "cuda", "reference"}) == "cpu"
     with pytest.raises(ValueError, match="backend must be one of"):

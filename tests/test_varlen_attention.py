@@ -45,6 +45,14 @@ def _check_against_oracle(q, k, v, cu, max_seqlen, scale=None, tol=None):
 
 
 @pytest.fixture
+def triton_backend():
+    """The CUDA tests here check the Triton kernels: ``auto`` would pick FlashAttention-2
+    for fp16/bf16 (tested in tests/test_varlen_attn_torch.py)."""
+    with effkern.use_backend("triton"):
+        yield
+
+
+@pytest.fixture
 def poisoned(monkeypatch):
     """Outputs are allocated NaN-filled (EFFKERN_DEBUG=1): an unwritten element shows."""
     monkeypatch.setenv("EFFKERN_DEBUG", "1")
@@ -362,18 +370,18 @@ def test_cu_seqlens_on_other_device():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_cuda_matches_oracle(dtype, head_dim, poisoned):
+def test_cuda_matches_oracle(dtype, head_dim, poisoned, triton_backend):
     lengths = [197, 0, 1, 148, 50, 99, 37, 3]
     _check_against_oracle(*_inputs(lengths, 4, head_dim, dtype, "cuda", seed=head_dim))
 
 
 @cuda
-def test_cuda_long_sequence():
+def test_cuda_long_sequence(triton_backend):
     _check_against_oracle(*_inputs([4096, 5, 0], 2, 64, torch.bfloat16, "cuda"))
 
 
 @cuda
-def test_cuda_qkvpacked_and_deterministic():
+def test_cuda_qkvpacked_and_deterministic(triton_backend):
     lengths = [97, 0, 1, 64, 33]
     cu = make_cu_seqlens(lengths, "cuda")
     qkv = torch.randn(sum(lengths), 3, 6, 64, device="cuda", dtype=torch.float16, requires_grad=True)
@@ -388,7 +396,7 @@ def test_cuda_qkvpacked_and_deterministic():
 
 
 @cuda
-def test_cuda_compile_fullgraph():
+def test_cuda_compile_fullgraph(triton_backend):
     q, k, v, cu, m = _inputs([50, 0, 1, 197], 6, 64, torch.bfloat16, "cuda")
     f = torch.compile(lambda a, b, c: varlen_attention(a, b, c, cu, m), fullgraph=True)
     out = f(q, k, v)

@@ -2,8 +2,10 @@
 run attention on token-dropped / multi-crop ViT batches today.
 
 Implementations, all on the same tokens:
-  effkern  effkern.ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen)
-           (Triton on CUDA; the PyTorch reference on CPU unless forced)
+  effkern  effkern.ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen) under the
+           backend --backend names (default triton: effkern's own kernel; ``auto``
+           picks FlashAttention-2 for fp16/bf16 on CUDA, which is the varlen peer;
+           on CPU the PyTorch reference path)
   sdpa     F.scaled_dot_product_attention on the zero-padded (B, H, Lmax, D) batch
            with a boolean key-padding mask.  The padded batch is built once, outside
            the timing: padding/unpadding costs are NOT charged to this peer.
@@ -56,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=comma_list(str, f"one of {', '.join(PEERS)}", PEERS.__contains__),
                         default=None, help="comma list of sdpa,varlen,flex (CUDA all; CPU sdpa)")
     parser.add_argument("--no-peers", action="store_true", help="time effkern only")
+    parser.add_argument("--backend", choices=("triton", "auto", "flash", "reference"), default="triton",
+                        help="effkern backend measured as 'effkern' (default triton: effkern's own kernel)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -219,7 +223,8 @@ def _shape_rows(args, device, model, label, lengths, gen) -> list[Row]:
             rows.append(Row("varlen_attention", "", name, str(dtype).replace("torch.", ""), ms,
                             tflops=flops / (ms * 1e-3) / 1e12, rel_err=err,
                             extra={"mode": mode, "tokens": total, "sequences": len(lengths),
-                                   "max_seqlen": max(lengths)}))
+                                   "max_seqlen": max(lengths),
+                                   **({"backend": getattr(args, "backend", "triton")} if name == "effkern" else {})}))
         shape = f"{model} {label} {'fwd' if mode == 'fwd' else 'fwd+bwd'} T={total}"
         mode_rows = rows[-len(impls):]
         for row in mode_rows:
@@ -239,6 +244,8 @@ def _repack_grad(name, g, lengths, like):
 
 
 def run(args) -> list[Row]:
+    import effkern
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _defaults(args, device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -247,7 +254,8 @@ def run(args) -> list[Row]:
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
         for label, lengths in _workloads(args, args.batch, gen):
-            rows += _shape_rows(args, device, model, label, lengths, gen)
+            with effkern.use_backend(getattr(args, "backend", "triton")):
+                rows += _shape_rows(args, device, model, label, lengths, gen)
             report_partial(args, rows)
     assert all(math.isfinite(r.ms) or "error" in r.extra for r in rows)
     return rows
