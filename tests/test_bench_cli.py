@@ -77,3 +77,23 @@ def test_docs_benchmark_tables_are_current():
         assert mod.render(text) == text, "run python benchmarks/doc_tables.py"
     stale = bench_doc.replace("| const:keep=0.25 |", "| const:keep=0.25 | 1 |", 1)
     assert stale != bench_doc and mod.render(stale) != stale
+
+
+def test_a_benchmark_cut_short_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """report_partial: rows handed over before a benchmark dies are already in --out."""
+    import types
+
+    from effkern import bench
+    from effkern.bench.common import Row, report_partial
+
+    def run(args):
+        report_partial(args, [Row("op", "first workload", "effkern", "float32", 1.5)])
+        raise KeyboardInterrupt  # what a time limit does to the process, in effect
+
+    fake = types.SimpleNamespace(add_arguments=lambda parser: None, run=run)
+    monkeypatch.setattr(bench, "load", lambda name: fake)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "attention", "--device", "cpu", "--out", str(out)])
+    text = (tmp_path / "cut.md").read_text()
+    assert "(partial: run in progress)" in text and "| first workload | effkern |" in text
