@@ -266,3 +266,28 @@ def test_dino_frozen_last_layer_same_forward():
     torch.testing.assert_close(a, m.head.last_layer(x))
     w = m.head.last_layer.weight
     torch.testing.assert_close(w.norm(dim=1), torch.ones(40))  # weight_g = 1: unit rows
+
+
+@pytest.mark.parametrize("name", ["mocov3", "dino"])
+def test_compiled_step_does_not_recompile_as_progress_advances(name):
+    """The trainer compiles training_step (--compile) and passes a new progress float
+    every step: the step must not read it (schedules reach it through on_progress and
+    tensors), or dynamo specialises on it and recompiles each step until its limit.
+    Dynamo tracing only (a counting backend): no code generation."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    m = tiny_method(name)
+    counter = CompileCounter()
+    step = torch.compile(m.training_step, backend=counter)
+    views = make_views(m)
+    m.on_progress(0.1)  # what the trainer does before each step
+    step(views, None, Stage(), 0.1)
+    first = counter.frame_count
+    assert first > 0
+    for p in (0.4, 0.7):
+        m.on_progress(p)
+        step(views, None, Stage(), p)
+    assert counter.frame_count == first, f"recompiled: {counter.frame_count - first} new frames"
+    if name == "dino":  # the temperature the compiled step read is the schedule's, through the buffer
+        assert m.teacher_temp_now.item() == pytest.approx(m.teacher_temp_at(0.7))

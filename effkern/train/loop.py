@@ -203,6 +203,7 @@ class Run:
             extra["grad_norm"] = dist.full_tensor(torch.nn.utils.clip_grad_norm_(
                 [p for p in self.method.parameters() if p.grad is not None], cfg.clip_grad))  # before clipping
         self.optimizer.step()
+        metrics = {**metrics, **self.method.progress_metrics(frac)}
         self.state["spent"] += self.step_cost(stage)
         self.state["step"] += 1
         self.method.on_step_end(self.step_fraction)

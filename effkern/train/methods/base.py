@@ -199,7 +199,21 @@ class Method(nn.Module):
         run's optimizer steps done (after the step here), in [0, 1]."""
 
     def on_progress(self, progress: float) -> None:
-        """Before a step (training_step calls it with its own progress)."""
+        """Before a step: the trainer calls it, and training_step calls it with its own
+        progress when it runs eagerly.  Schedules that the step's arithmetic reads live in
+        tensors set here, so that a torch.compile'd step neither reads nor specialises on
+        the Python float ``progress`` (it would recompile every step)."""
+
+    def enter_step(self, progress: float) -> None:
+        """First line of every training_step: ``on_progress`` when running eagerly; inside
+        a torch.compile'd step the trainer has already called it."""
+        if not torch.compiler.is_compiling():
+            self.on_progress(progress)
+
+    def progress_metrics(self, progress: float) -> dict:
+        """The method's schedule values at ``progress`` (EMA momentum, temperatures), logged
+        beside the step's metrics; computed outside the step for the same reason."""
+        return {}
 
     def eval_encoder(self) -> nn.Module:
         """Backbone for kNN evaluation (a patched timm ViT)."""

@@ -89,7 +89,7 @@ def teacher_temp_at(progress: float, start: float, end: float, warmup: float) ->
 
 
 def dino_loss(student_out: list[Tensor], teacher_out: list[Tensor], center: Tensor,
-              teacher_temp: float, student_temp: float) -> Tensor:
+              teacher_temp: float | Tensor, student_temp: float) -> Tensor:
     """Mean over pairs (i, j), i != j, of mean_batch sum_k -softmax((t_i - c)/tt)_k log_softmax(s_j/ts)_k.
     student_out: one (B, K) tensor per view (globals first); teacher_out: one per global view."""
     t = [F.softmax((ti.float() - center) / teacher_temp, dim=-1).detach() for ti in teacher_out]
@@ -129,6 +129,9 @@ class DINO(Method):
         self.teacher.eval()
         self.teacher_head.eval()
         self.register_buffer("center", torch.zeros(1, hp["out_dim"]))
+        # the teacher temperature of the current step, set by on_progress (a tensor: see Method.on_progress)
+        self.register_buffer("teacher_temp_now", torch.tensor(float(hp["warmup_teacher_temp_start"])),
+                             persistent=False)
         self.momentum = cosine_momentum(hp["momentum_start"], 0.0)
         self.on_progress(0.0)
 
@@ -155,6 +158,10 @@ class DINO(Method):
 
     def on_progress(self, progress: float) -> None:
         self.head.last_layer.grad_frozen = self.last_layer_frozen(progress)
+        self.teacher_temp_now.fill_(self.teacher_temp_at(progress))
+
+    def progress_metrics(self, progress: float) -> dict:
+        return {"teacher_temp": self.teacher_temp_at(progress), "momentum": self.momentum_at(progress)}
 
     def head_flops(self, grad: bool) -> float:
         from effkern.schedules.cost import linear_flops
@@ -191,7 +198,7 @@ class DINO(Method):
     def training_step(self, views, labels, stage, progress, generator=None):
         n = 2 + self.hp["n_local"]
         self._check_views(views, n)
-        self.on_progress(progress)
+        self.enter_step(progress)
         branches = ["global"] * 2 + ["local"] * self.hp["n_local"]
         feats = self._run(self.encoder, views, stage, branches, generator)
         B = feats[0].shape[0]
@@ -201,10 +208,9 @@ class DINO(Method):
             tf = self._run(self.teacher, views[:2], stage, [self.hp["teacher_branch"]] * 2, generator)
             t_all = self.teacher_head(torch.cat(tf, dim=0))
         teacher_out = list(t_all.split(B, dim=0))
-        tt = self.teacher_temp_at(progress)
-        loss = dino_loss(student_out, teacher_out, self.center, tt, self.hp["student_temp"])
+        loss = dino_loss(student_out, teacher_out, self.center, self.teacher_temp_now, self.hp["student_temp"])
         self.update_center(t_all)
-        return loss, {"loss": loss.detach(), "teacher_temp": tt, "momentum": self.momentum_at(progress)}
+        return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:

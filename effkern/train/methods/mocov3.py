@@ -95,7 +95,7 @@ class MoCoV3(Method):
 
     def training_step(self, views, labels, stage, progress, generator=None):
         self._check_views(views, 2)
-        self.on_progress(progress)
+        self.enter_step(progress)
         x1, x2 = views
         p = patch_for(stage, x1.shape[-1])
         kq, kk = keep_arg(stage_keep(stage, "q")), keep_arg(stage_keep(stage, "k"))
@@ -109,7 +109,10 @@ class MoCoV3(Method):
             k2 = self.momentum_projector(g2)
         T = self.hp["temperature"]
         loss = contrastive_loss(q1, k2, T) + contrastive_loss(q2, k1, T)
-        return loss, {"loss": loss.detach(), "momentum": self.momentum_at(progress)}
+        return loss, {"loss": loss.detach()}
+
+    def progress_metrics(self, progress: float) -> dict:
+        return {"momentum": self.momentum_at(progress)}
 
     def on_step_end(self, progress: float) -> None:
         m = self.momentum_at(progress)

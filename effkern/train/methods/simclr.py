@@ -54,7 +54,7 @@ class SimCLR(Method):
 
     def training_step(self, views, labels, stage, progress, generator=None):
         self._check_views(views, 2)
-        self.on_progress(progress)
+        self.enter_step(progress)
         fa, fb = self._run(self.encoder, views, stage, ["a", "b"], generator)
         z = self.projector(torch.cat([fa, fb], dim=0))
         za, zb = z.chunk(2, dim=0)

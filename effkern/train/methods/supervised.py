@@ -29,7 +29,7 @@ class Supervised(Method):
         self._check_views(views, 1)
         if labels is None:
             raise ValueError("supervised: labels are required")
-        self.on_progress(progress)
+        self.enter_step(progress)
         (feat,) = self._run(self.encoder, views, stage, ["default"], generator)
         logits = self.encoder.head(feat)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hp["label_smoothing"])
