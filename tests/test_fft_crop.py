@@ -10,6 +10,7 @@ import torch
 import effkern
 from effkern import _native
 from effkern.ops import fft_crop
+from conftest import DEVICES
 from oracles import fft_crop_oracle, rel_err
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -112,15 +113,15 @@ def test_backward_is_adjoint_of_oracle():
     assert rel_err(dx, dx_ref) < 1e-12
 
 
-def test_opcheck():
-    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(2, 3, 9, 10, device=device, requires_grad=True)
+    mean, std = torch.tensor([0.1, 0.2, 0.3], device=device), torch.tensor([1.0, 2.0, 3.0], device=device)
     torch.library.opcheck(torch.ops.effkern.fft_crop.default, (x, [5, 6]))
-    torch.library.opcheck(torch.ops.effkern.fft_crop.default,
-                          (x, [4, 4], torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1.0, 2.0, 3.0])))
-    xu8 = torch.randint(0, 255, (2, 3, 9, 10), dtype=torch.uint8)
-    torch.library.opcheck(torch.ops.effkern.fft_crop.default,
-                          (xu8, [5, 5], torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1.0, 2.0, 3.0])))
-    g = torch.randn(2, 3, 5, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.effkern.fft_crop.default, (x, [4, 4], mean, std))
+    xu8 = torch.randint(0, 255, (2, 3, 9, 10), dtype=torch.uint8, device=device)
+    torch.library.opcheck(torch.ops.effkern.fft_crop.default, (xu8, [5, 5], mean, std))
+    g = torch.randn(2, 3, 5, 6, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.effkern.fft_crop_backward.default, (g, [9, 10]))
 
 

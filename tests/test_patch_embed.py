@@ -25,6 +25,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E4
 
 from effkern.ops import patch_embed, sample_keep  # noqa: E402
 from effkern.reference import patch_embed as ref  # noqa: E402
+from conftest import DEVICES  # noqa: E402
 from oracles import rel_err  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -210,23 +211,22 @@ def test_gradcheck():
                                         (x, w, b, pos), eps=1e-6, atol=1e-6)
 
 
-def _op_args(with_index: bool):
+def _op_args(with_index: bool, device: str = "cpu"):
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 3, 8, 8, generator=gen, requires_grad=True)
-    w = torch.randn(5, 3 * 4 * 4, generator=gen, requires_grad=True)
-    b = torch.randn(5, generator=gen, requires_grad=True)
-    pos = torch.randn(4, 5, generator=gen, requires_grad=True)
-    index = torch.tensor([0, 3, 5, 6, 7]) if with_index else None
+    shapes = [(2, 3, 8, 8), (5, 3 * 4 * 4), (5,), (4, 5)]
+    x, w, b, pos = (torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes)
+    index = torch.tensor([0, 3, 5, 6, 7], device=device) if with_index else None
     return x, w, b, pos, index
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_index", [False, True])
-def test_opcheck(with_index):
-    x, w, b, pos, index = _op_args(with_index)
+def test_opcheck(with_index, device):
+    x, w, b, pos, index = _op_args(with_index, device)
     torch.library.opcheck(torch.ops.effkern.patch_embed_fwd.default, (x, w, b, pos, index, 4))
     torch.library.opcheck(torch.ops.effkern.patch_embed_fwd.default, (x, w, None, None, index, 4))
     T = 8 if index is None else index.shape[0]
-    g = torch.randn(T, 5)
+    g = torch.randn(T, 5, device=device)
     torch.library.opcheck(torch.ops.effkern.patch_embed_bwd_weight.default, (g, x.detach(), index, 4))
     torch.library.opcheck(torch.ops.effkern.patch_embed_bwd_images.default,
                           (g, w.detach(), index, 4, [2, 3, 8, 8]))
@@ -354,6 +354,14 @@ def test_schemas():
     assert "effkern::patch_embed_bwd_images" in str(torch.ops.effkern.patch_embed_bwd_images.default._schema)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_resize_pos_embed_opcheck(device):
+    pos = torch.randn(1, 16, 8, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.effkern.resize_pos_embed.default, (pos, 6, 3))
+    torch.library.opcheck(torch.ops.effkern.resize_pos_embed_backward.default,
+                          (torch.randn(18, 8, device=device), pos.detach(), 6, 3))
+
+
 def test_resize_pos_embed_op():
     """The opaque pos_embed resize: equals timm's resample, opcheck-clean (fake kernel,
     autograd registration), gradcheck in float64, identity grid is a plain reshape."""
@@ -364,7 +372,5 @@ def test_resize_pos_embed_op():
     theirs = resample_abs_pos_embed(pos, [6, 3], num_prefix_tokens=0)[0]
     assert ours.shape == (18, 8) and torch.allclose(ours, theirs, atol=1e-6)
     assert resize_pos_embed(pos, (4, 4)).data_ptr() == pos.data_ptr()
-    torch.library.opcheck(torch.ops.effkern.resize_pos_embed.default, (pos, 6, 3))
-    torch.library.opcheck(torch.ops.effkern.resize_pos_embed_backward.default, (torch.randn(18, 8), pos, 6, 3))
     pos64 = torch.randn(1, 9, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda p: torch.ops.effkern.resize_pos_embed(p, 5, 2), (pos64,))

@@ -248,8 +248,14 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda t: varlen_attention_qkvpacked(t, cu, m), (qkv,), fast_mode=True)
 
 
-def test_opcheck():
-    q, k, v, cu, m = _inputs([4, 0, 1, 6], 2, 32)
+@pytest.mark.parametrize("device,dtype", [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cuda", torch.float32, id="cuda-fp32", marks=cuda),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=cuda)])
+def test_opcheck(device, dtype):
+    """Schema, fake kernel, autograd registration and AOT dispatch against the kernels
+    of the device (CPU reference path; on CUDA the backend auto picks)."""
+    q, k, v, cu, m = _inputs([4, 0, 1, 6], 2, 32, dtype, device)
     scale = 32 ** -0.5
     ops = torch.ops.effkern
     torch.library.opcheck(ops.varlen_attention_fwd, (q, k, v, cu, m, scale))
