@@ -58,7 +58,7 @@
 // (fp32), 100 KB (uint8) or 62 KB (half), so 2 blocks (16 warps) per H100/H200 SM.
 //
 // Measured on an H200 (2026-12-04): 1.85 ms fp32 / 1.23 ms bf16 for the shape below,
-// 0.37-0.83x the rfft2-based torch.fft composition -- 10-40x slower than this
+// 0.37-0.83x the rfft2-based torch.fft composition -- 6x (fp32) to 12-18x (bf16) slower than this
 // estimate, cause not profiled (docs/ops.md).
 // Expected speed (the estimate made before any GPU ran; docs/ops.md has the table).
 // (256, 3, 224, 224) -> 160 moves 233 MB (fp32) or 117 MB (bf16, uint8 -> fp32):
