@@ -17,8 +17,9 @@ numerics the GPU will produce:
   (``accumulate="toward_zero"``).  Measured on an H200 (2026-12-04): the tensor
   cores' fp32 accumulation lies between the two -- the kernel's distance from the
   round-to-nearest emulation was 0.7-0.8x the round-toward-zero emulation's distance
-  on every failing shape (fp32: 1.4e-6..3.9e-6, uint8 8.8e-6; the nearest model
-  alone is 2e-7..7e-7 from the float64 oracle), the truncating alignment of
+  on every failing three-pass shape (fp32: 1.4e-6..3.9e-6, uint8 8.8e-6) and 1.0x
+  with one TF32 pass (1.2e-5); the nearest model alone is 2e-7..7e-7 from the
+  float64 oracle -- the truncating alignment of
   products that tensor cores are known for.  So the two roundings bracket the
   hardware, and tests/test_fft_crop_tensorcore.py checks the kernel against that
   bracket;
