@@ -63,6 +63,26 @@ def test_final_cells_wait_for_tuning_and_take_the_best_validation_hps(tmp_path):
             and c["schedule"] != "none"} == set(study.COMPRESSED_BUDGETS)
 
 
+def test_larger_budgets_tune_the_cross_through_the_smallest_budgets_winner(tmp_path):
+    results = str(tmp_path)
+    first, second = study.BUDGET_IMAGES[:2]
+    tunes = [c for c in study.plan("mocov3", results) if c["kind"] == "tune" and c["images"] == second]
+    assert len(tunes) == len(study.GRID_BATCH) * len(study.GRID_LR)
+    assert all(c.get("blocked") == "tuning" for c in tunes)  # the cross is not known yet
+    _finish_tuning(results, "mocov3", first, best=(64, 4e-3))
+    tunes = [c for c in study.plan("mocov3", results) if c["kind"] == "tune" and c["images"] == second]
+    assert all("blocked" not in c for c in tunes)
+    cross = {(c["batch"], c["lr"]) for c in tunes}
+    assert cross == {(64, lr) for lr in study.GRID_LR} | {(b, 4e-3) for b in study.GRID_BATCH}
+    assert len(cross) == len(study.GRID_LR) + len(study.GRID_BATCH) - 1
+    # the winner among the cross only: an off-cross cell, however good, is not a candidate
+    for batch, lr in cross:
+        acc = 0.9 if (batch, lr) == (128, 4e-3) else 0.6
+        study.write_result(study.tune_cell("mocov3", second, batch, lr), {"knn_acc": acc, "steps": 1}, results)
+    study.write_result(study.tune_cell("mocov3", second, 128, 1e-3), {"knn_acc": 0.99, "steps": 1}, results)
+    assert study.tuned_hp("mocov3", second, results) == (128, 4e-3)
+
+
 def test_budget_needed_interpolates_in_log_budget_on_the_monotone_curve():
     curve = [(1.0, 0.5), (2.0, 0.6), (4.0, 0.7)]
     assert study.budget_needed(curve, 0.6) == (pytest.approx(2.0), "=")
