@@ -184,12 +184,10 @@ class PackedVisionTransformer(VisionTransformer):
         embedded = [_embed.embed(self, v, p, k, generator) for v, p, k in zip(views, ps, keeps)]
         lens = [n for _, lv, _ in embedded for n in lv]
         x = _trunk(self, torch.cat([t for t, _, _ in embedded], dim=0), lens)
-        out, start = [], 0
-        for t, lv, ragged in embedded:
-            n = sum(lv)
-            out.append(_head(self, x[start:start + n], lv, ragged, pre_logits=True))
-            start += n
-        return out
+        # one split, not a slice per view: a slice's backward zero-fills a (total, D) gradient
+        # for every view and autograd adds the V of them up; split's backward is one cat
+        chunks = torch.split(x, [sum(lv) for _, lv, _ in embedded])
+        return [_head(self, c, lv, ragged, pre_logits=True) for c, (_, lv, ragged) in zip(chunks, embedded)]
 
     # ---- TorchScript, pickle
 
