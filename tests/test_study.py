@@ -44,7 +44,7 @@ def test_finished_cells_are_skipped_and_runs_resume_in_order(tmp_path, monkeypat
 
 def test_final_cells_wait_for_tuning_and_take_the_best_validation_hps(tmp_path):
     results = str(tmp_path)
-    first = study.BUDGET_IMAGES[0]
+    first = study.ANCHOR_IMAGES
     blocked = [c for c in study.plan("mocov3", results) if c["kind"] == "final" and c["images"] == first]
     assert blocked and all(c.get("blocked") == "tuning" for c in blocked)
     assert study.pending(blocked, results) == []
@@ -54,7 +54,7 @@ def test_final_cells_wait_for_tuning_and_take_the_best_validation_hps(tmp_path):
     assert all("blocked" not in c and (c["batch"], c["lr"]) == (64, 4e-3) and c["split"] == "test" for c in finals)
     assert {c["schedule"] for c in finals} == set(study.schedules_for("mocov3"))
     assert {c["seed"] for c in finals} == set(study.SEEDS)
-    # the next budget stays blocked; tuning never uses the test split
+    # the other budgets stay blocked (their tuning has not run); tuning never uses the test split
     later = [c for c in study.plan("mocov3", results) if c["kind"] == "final" and c["images"] != first]
     assert all(c.get("blocked") == "tuning" for c in later)
     assert all(c["split"] == "val" for c in study.plan("mocov3", results) if c["kind"] == "tune")
@@ -63,9 +63,9 @@ def test_final_cells_wait_for_tuning_and_take_the_best_validation_hps(tmp_path):
             and c["schedule"] != "none"} == set(study.COMPRESSED_BUDGETS)
 
 
-def test_larger_budgets_tune_the_cross_through_the_smallest_budgets_winner(tmp_path):
+def test_other_budgets_tune_the_cross_through_the_anchor_budgets_winner(tmp_path):
     results = str(tmp_path)
-    first, second = study.BUDGET_IMAGES[:2]
+    first, second = study.ANCHOR_IMAGES, max(study.BUDGET_IMAGES)
     tunes = [c for c in study.plan("mocov3", results) if c["kind"] == "tune" and c["images"] == second]
     assert len(tunes) == len(study.GRID_BATCH) * len(study.GRID_LR)
     assert all(c.get("blocked") == "tuning" for c in tunes)  # the cross is not known yet
@@ -81,6 +81,13 @@ def test_larger_budgets_tune_the_cross_through_the_smallest_budgets_winner(tmp_p
         study.write_result(study.tune_cell("mocov3", second, batch, lr), {"knn_acc": acc, "steps": 1}, results)
     study.write_result(study.tune_cell("mocov3", second, 128, 1e-3), {"knn_acc": 0.99, "steps": 1}, results)
     assert study.tuned_hp("mocov3", second, results) == (128, 4e-3)
+    # a budget too small for batch 128 to take MIN_STEPS steps tunes batch 64 only
+    small = min(study.BUDGET_IMAGES)
+    assert small // 128 < study.MIN_STEPS <= small // 64
+    assert {(c["batch"], c["lr"]) for c in study.plan("mocov3", results)
+            if c["kind"] == "tune" and c["images"] == small} == {(64, lr) for lr in study.GRID_LR}
+    # the anchor is planned (and so run) first
+    assert next(c for c in study.plan("mocov3", results) if c["kind"] == "tune")["images"] == first
 
 
 def test_budget_needed_interpolates_in_log_budget_on_the_monotone_curve():
@@ -142,7 +149,7 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     study.write_report(summary, {"mocov3": (12, 99)}, report)
     text = open(report).read()
     assert "| mocov3 | 12 | 99 |" in text and "simclr: no finished cell; nothing is shown" in text
-    assert "mocov3 const:keep=0.5 at 3.2 epochs-eq.: factor 2.0" in text
+    assert f"mocov3 const:keep=0.5 at {B[0] / study.TRAIN_IMAGES:.1f} epochs-eq.: factor 2.0" in text
     assert "| const:keep=0.5 | 20 (10) | 100 (90) | 0.90x |" in text  # the interleaved timing table
     assert "## simclr" not in text  # no section for a method without cells
     assert math.isnan(study._stats([0.5])["std"])
