@@ -15,8 +15,12 @@ Design (one cell = one ``effkern train`` run directory + one JSON in ``RESULTS``
   and evaluated on a 5k validation split carved from the training set with a fixed seed.
   The anchor budget (``ANCHOR_IMAGES``, 192k, run first) runs the whole batch size x LR
   grid; every other budget runs the cross through the anchor's winner (its batch size at
-  every LR + its LR at every batch size: 4 of the 6 cells), which saves ~2 CPU-hours per
-  large budget.  Grid points that give the baseline fewer than ``MIN_STEPS`` = 1500
+  every LR + its LR at every batch size: 5 of the 9 cells), which saves ~3 CPU-hours per
+  large budget.  Batch 32 joined the grid after batch 64 won at 192k on the grid's edge
+  (a compressed schedule takes more, smaller steps: a baseline held to too large a batch
+  would look worse than it is).  An explicit ``run --only ID`` also runs a tune cell whose
+  budget's cross is not known yet (its batch size and LR are in its ID).  Grid points that
+  give the baseline fewer than ``MIN_STEPS`` = 1500
   optimizer steps are left out (at 96k: batch 128).  The best validation kNN picks each
   budget's batch size and LR.  The test split is never looked at.
 * ``final`` cells: the baseline at every budget, the compressed schedules at the two smaller
@@ -68,7 +72,7 @@ BUDGET_IMAGES = (96_000, 192_000, 384_000, 768_000)  # baseline images seen: 1.6
 ANCHOR_IMAGES = 192_000                         # tuned on the whole grid (and run first); the others tune its cross
 COMPRESSED_BUDGETS = (96_000, 192_000)          # the compressed schedules run at the smaller budgets
 MIN_STEPS = 1500                                # grid points giving the baseline fewer optimizer steps are left out
-GRID_BATCH = (128, 64)
+GRID_BATCH = (128, 64, 32)                      # 32: the 192k winner sat on the grid's small-batch edge
 GRID_LR = (2e-3, 1e-3, 4e-3)                    # --lr per 256 images, sqrt rule (peak 1.4e-3 at 128 for 2e-3)
 SEEDS = (0, 1, 2)
 CKPT_EVERY = 100
@@ -412,7 +416,16 @@ def summarize(results: str = RESULTS) -> dict:
                 entry["timing"][c["schedule"]] = t
         for split, ref in entry["reference"].items():
             entry["reference"][split] = {k: _stats(v) for k, v in ref.items()}
-        finals = [r for r in mine if r["cell"]["kind"] == "final"]
+        # final cells run with HPs that a later tune cell beat (e.g. a batch size added to the grid)
+        # are superseded: only the finals at each budget's best finished tune cell count
+        best = {t["images"]: max((u for u in entry["tune"] if u["images"] == t["images"]),
+                                 key=lambda u: u["val_knn"]) for t in entry["tune"]}
+        finals, superseded = [], []
+        for r in (r for r in mine if r["cell"]["kind"] == "final"):
+            b = best.get(r["cell"]["images"])
+            ok = b is None or (b["batch"], b["lr"]) == (r["cell"]["batch"], r["cell"]["lr"])
+            (finals if ok else superseded).append(r)
+        entry["superseded_finals"] = sorted(cell_id(r["cell"]) for r in superseded)
         for schedule in dict.fromkeys(r["cell"]["schedule"] for r in finals):
             cells = {}
             for r in (r for r in finals if r["cell"]["schedule"] == schedule):
@@ -581,9 +594,10 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
          "preset; AdamW, peak LR by the square-root rule, 10 % warm-up, cosine decay; budgets of "
          f"{', '.join(f'{b // 1000}k' for b in BUDGET_IMAGES)} baseline images "
          f"({', '.join(f'{b / TRAIN_IMAGES:.1f}' for b in BUDGET_IMAGES)} epochs-equivalent).  "
-         "Hyper-parameters (batch size x LR) are chosen per budget on a 5k validation split carved from the "
+         "Hyper-parameters (batch size 128 / 64 / 32 x LR) are chosen per budget on a 5k validation split carved "
+         "from the "
          "training set (the whole grid at 192k; at the other budgets the cross through the 192k winner, "
-         "4 of the 6 cells, minus points with fewer than 1500 optimizer steps); the test split is only used by "
+         "5 of the 9 cells, minus points with fewer than 1500 optimizer steps); the test split is only used by "
          "the final cells.  kNN: k=20, T=0.07, cosine, on the "
          "CLS feature; linear probe: L-BFGS logistic regression on standardised frozen features.", "",
          "**Scale.** The papers' claims (ImageNet, ViT-B, 100-300 epochs: AAIP 4x / 3.3x / 2.5x less compute "
@@ -637,6 +651,9 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                              f"{'/'.join(map(str, v['steps']))} | {_pct(v['knn'])} | {_pct(v['probe'])} | "
                              f"{saved} | {wall} |")
             L.append("")
+        if entry.get("superseded_finals"):
+            L += [f"Superseded final cells (run at a batch size / LR that a later tune cell beat; not counted): "
+                  f"{', '.join(f'`{c}`' for c in entry['superseded_finals'])}.", ""]
         if entry["timing"]:
             L += ["Step times, measured interleaved (baseline and schedule steps alternating in one process, "
                   "medians per stage; training steps only, data loading excluded) at the 192k budget and its "
@@ -688,7 +705,7 @@ def main(argv=None) -> int:
         totals = {}
         for method in METHODS:
             cells = plan(method, args.results)
-            done = sum(load_result(c, args.results) is not None for c in cells if "blocked" not in c)
+            done = sum(load_result(c, args.results) is not None for c in cells)
             totals[method] = (done, len(cells))
         write_report(summary, totals, REPORT)
         print(f"wrote {args.results}/summary.json and {REPORT}")
@@ -697,13 +714,16 @@ def main(argv=None) -> int:
     for method in args.method:
         if args.cmd == "plan":
             for c in (c for c in plan(method, args.results) if c["kind"] in args.stage):
-                status = "blocked" if "blocked" in c else ("done" if load_result(c, args.results) else "todo")
+                status = "done" if load_result(c, args.results) else ("blocked" if "blocked" in c else "todo")
                 print(f"{status:8s} {cell_id(c)}")
             continue
         while args.max_cells is None or ran < args.max_cells:
             # re-planned after every cell: a finished tuning grid unblocks its final cells
             todo = [c for c in pending(plan(method, args.results), args.results) if c["kind"] in args.stage
                     and (args.only is None or cell_id(c) == args.only)]
+            if not todo and args.only is not None:  # a tune cell named explicitly: its HPs are in its id
+                todo = [c for c in plan(method, args.results) if c["kind"] == "tune" and c["kind"] in args.stage
+                        and cell_id(c) == args.only and load_result(c, args.results) is None]
             if not todo:
                 break
             cell = todo[0]

@@ -85,9 +85,38 @@ def test_other_budgets_tune_the_cross_through_the_anchor_budgets_winner(tmp_path
     small = min(study.BUDGET_IMAGES)
     assert small // 128 < study.MIN_STEPS <= small // 64
     assert {(c["batch"], c["lr"]) for c in study.plan("mocov3", results)
-            if c["kind"] == "tune" and c["images"] == small} == {(64, lr) for lr in study.GRID_LR}
+            if c["kind"] == "tune" and c["images"] == small} == {(64, lr) for lr in study.GRID_LR} | {(32, 4e-3)}
     # the anchor is planned (and so run) first
     assert next(c for c in study.plan("mocov3", results) if c["kind"] == "tune")["images"] == first
+
+
+def test_finals_at_hps_a_later_tune_cell_beat_are_superseded(tmp_path):
+    results = str(tmp_path)
+    images = study.ANCHOR_IMAGES
+    study.write_result(study.tune_cell("mocov3", images, 64, 2e-3), {"knn_acc": 0.70, "steps": 1}, results)
+    final = {"kind": "final", "method": "mocov3", "schedule": "none", "images": images, "batch": 64, "lr": 2e-3,
+             "seed": 0, "split": "test"}
+    study.write_result(final, {"knn_acc": 0.71, "steps": 1}, results)
+    entry = study.summarize(results)["methods"]["mocov3"]
+    assert entry["schedules"]["none"][str(images)]["knn"]["mean"] == 0.71 and entry["superseded_finals"] == []
+    study.write_result(study.tune_cell("mocov3", images, 32, 2e-3), {"knn_acc": 0.72, "steps": 1}, results)
+    entry = study.summarize(results)["methods"]["mocov3"]
+    assert "none" not in entry["schedules"] and entry["superseded_finals"] == [study.cell_id(final)]
+
+
+def test_only_runs_an_explicitly_named_tune_cell_before_its_budgets_cross_is_known(tmp_path, monkeypatch):
+    results = str(tmp_path)
+    cell = study.tune_cell("mocov3", max(study.BUDGET_IMAGES), 64, 2e-3)
+    assert any(study.cell_id(c) == study.cell_id(cell) and c.get("blocked") for c in study.plan("mocov3", results))
+    ran = []
+    monkeypatch.setattr(study, "run_cell", lambda c: ran.append(study.cell_id(c)) or {"knn_acc": 0.1, "steps": 1})
+    assert study.main(["run", "--results", results, "--only", study.cell_id(cell)]) == 0
+    assert ran == [study.cell_id(cell)]
+    assert study.main(["run", "--results", results, "--only", study.cell_id(cell)]) == 0
+    assert ran == [study.cell_id(cell)]  # finished: not run again
+    final = next(c for c in study.plan("mocov3", results) if c["kind"] == "final")
+    assert study.main(["run", "--results", results, "--only", study.cell_id(final)]) == 0
+    assert ran == [study.cell_id(cell)]  # a blocked final cell has no HPs yet: never run
 
 
 def test_budget_needed_interpolates_in_log_budget_on_the_monotone_curve():
