@@ -199,31 +199,30 @@ def _gaussian_blur(img: Tensor, g: torch.Generator, size: int, sigma_range=(0.1,
     return separable_gaussian_blur(img, k, sigma)
 
 
-def _reflect_blur_matrix(n: int, taps: Tensor) -> Tensor:
-    """(n, n) matrix of a 1-D blur along an axis of length n with reflect padding folded in:
-    row i holds the k taps at columns i - k//2 .. i + k//2, mirrored at the borders (the
-    padding torchvision's gaussian_blur uses; needs k//2 < n)."""
-    k = taps.numel()
-    cols = torch.arange(n)[:, None] + torch.arange(k)[None, :] - k // 2
-    cols = cols.abs()
-    cols = torch.where(cols >= n, 2 * (n - 1) - cols, cols)
-    return torch.zeros(n, n).scatter_add_(1, cols, taps.expand(n, k).contiguous())
+def _blur_axis(x: Tensor, taps: list[float], dim: int) -> Tensor:
+    """1-D blur of float (C, H, W) along ``dim`` (-1 rows, -2 columns) with reflect padding
+    (torchvision's): the k taps as k shifted, scaled slices of one padded copy, summed in place."""
+    r, n = len(taps) // 2, x.shape[dim]
+    padded = torch.nn.functional.pad(x, (r, r) if dim == -1 else (0, 0, r, r), mode="reflect")
+    out = padded.narrow(dim, 0, n) * taps[0]
+    for j in range(1, len(taps)):
+        out.add_(padded.narrow(dim, j, n), alpha=taps[j])
+    return out
 
 
 def separable_gaussian_blur(img: Tensor, k: int, sigma: float) -> Tensor:
-    """torchvision's gaussian_blur (the same normalised k-tap kernel, reflect padding,
-    rounded back to uint8), separably: ``M_h @ img @ M_w^T`` with each axis's reflect-padded
-    1-D blur as a dense (n, n) matrix.  The two small GEMMs (224 px: 2 x 11 M multiply-adds)
-    with the matrices built in every call are ~2x faster on a CPU than the two 1 x k
-    single-channel convolutions they replace (0.54 vs 1.03 ms at 224 px, k = 13, one
-    thread, interleaved micro-benchmark on a loaded machine)."""
+    """torchvision's gaussian_blur (the same normalised k-tap kernel, reflect padding --
+    needs k // 2 < H, W -- rounded back to uint8), separably: a row pass, then a column pass,
+    each k shifted slices of one padded copy.  One thread, interleaved, medians of 40, on a
+    loaded 2-core machine, one 224 px channel: 0.32 ms at k = 7 (0.46 at k = 13) against 0.59
+    (0.87) for two dense (n, n) blur-matrix GEMMs (the previous implementation) and 1.0 ms
+    for torchvision's two 1 x k convolutions; at 96 px 0.14 vs 0.19 / 0.24 ms.  The sum
+    order differs from both, so a value can round to the neighbouring uint8 level (1 in
+    ~10^4 pixels against torchvision)."""
     x = torch.linspace(-(k // 2), k // 2, k)
     w = torch.exp(-0.5 * (x / sigma) ** 2)
-    w = w / w.sum()
-    h, wd = img.shape[-2:]
-    rows = _reflect_blur_matrix(h, w)
-    cols = rows if wd == h else _reflect_blur_matrix(wd, w)
-    out = torch.matmul(torch.matmul(rows, img.to(torch.float32)), cols.t())
+    taps = (w / w.sum()).tolist()
+    out = _blur_axis(_blur_axis(img.to(torch.float32), taps, -1), taps, -2)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
