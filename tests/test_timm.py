@@ -418,3 +418,31 @@ def test_autocast_bf16_cpu_packed_path():
     out.float().sum().backward()  # backward under autocast-produced graph
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
     assert m.patch_embed.proj.weight.grad is not None
+
+
+def test_equal_length_packs_take_sdpa_on_cpu_and_ragged_ones_the_varlen_op(monkeypatch):
+    """On the CPU with the auto backend, packs whose sequences all have the same length
+    (keep None or a ratio, views of one size) run torch's SDPA like timm; ragged packs and a
+    forced backend run the varlen op.  Both paths agree with timm (the tests above)."""
+    import effkern
+    import effkern.layers.packed_vit as pv
+
+    calls = []
+    real = pv.varlen_attention_qkvpacked
+    monkeypatch.setattr(pv, "varlen_attention_qkvpacked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = et.patch(make("tiny"))
+    x = torch.randn(2, 3, IMG, IMG)
+    m(x, keep=0.5)
+    m.forward_views([x, x], keeps=[1.0, 1.0])
+    assert calls == []
+    m.forward_views([x, x], keeps=[1.0, 0.5])           # two lengths: ragged
+    assert len(calls) == len(m.blocks)
+    kb, cub = sample_keep(2, 16, torch.tensor([4, 9]))  # per-sample counts: ragged
+    m(x, keep=(kb, cub))
+    assert len(calls) == 2 * len(m.blocks)
+    with effkern.use_backend("reference"):
+        m(x, keep=0.5)
+    assert len(calls) == 3 * len(m.blocks)
+    assert pv.equal_length(12, torch.zeros(4, dtype=torch.int32), 4)
+    assert not pv.equal_length(12, torch.zeros(4, dtype=torch.int32), 5)
+    assert not pv.equal_length(0, torch.zeros(1, dtype=torch.int32), 0)

@@ -10,16 +10,38 @@ LayerScale, Linear, SwiGLU) are called directly on the packed (total, D) tensor.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from effkern.backend import get_backend
 from effkern.layers.attention_dropout import varlen_attention_dropout
 from effkern.ops import varlen_attention_qkvpacked
+
+
+def equal_length(total: int, cu_seqlens: torch.Tensor, max_seqlen: int) -> bool:
+    """Every packed sequence has ``max_seqlen`` tokens (keep None or a ratio; views of one
+    size): total == max_seqlen x sequences, from host ints only (no device read)."""
+    return max_seqlen > 0 and total == max_seqlen * (cu_seqlens.shape[0] - 1)
+
+
+def dense_attention(qkv: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """Equal-length packed sequences on the CPU: (total, 3, H, D) -> (total, H, D) by torch's
+    scaled_dot_product_attention on the zero-copy (n, H, L, D) views, exactly as timm's
+    ``Attention`` calls it.  The same ATen kernel the varlen op's CPU path runs, without the
+    custom op's dispatch, checks and gradient copies: about 1.3 ms less per block forward +
+    backward at ViT-Ti/16 batch 8 on 2 cores (interleaved, medians; 9.3 vs 10.6 ms with the qkv
+    Linear), which was the whole gap of the patched model to timm at keep 1."""
+    total, _, heads, head_dim = qkv.shape
+    q, k, v = qkv.reshape(total // length, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(total, heads, head_dim)
 
 
 def packed_attention(attn, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """timm ``Attention.forward`` on packed tokens: (total, D) -> (total, D).
 
     Attention dropout in training (``attn.attn_drop.p > 0``) runs the PyTorch
-    fallback effkern.layers.attention_dropout (the varlen kernels have no dropout)."""
+    fallback effkern.layers.attention_dropout (the varlen kernels have no dropout).
+    On the CPU with the ``auto`` backend, equal-length sequences run
+    :func:`dense_attention` (torch's SDPA, as timm); everything else the varlen op."""
     total = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(total, 3, attn.num_heads, attn.head_dim)
@@ -29,6 +51,8 @@ def packed_attention(attn, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen
     drop = float(attn.attn_drop.p) if attn.training else 0.0
     if drop > 0.0:
         out = varlen_attention_dropout(qkv, cu_seqlens, attn.scale, drop)
+    elif x.device.type == "cpu" and get_backend() == "auto" and equal_length(total, cu_seqlens, max_seqlen):
+        out = dense_attention(qkv, max_seqlen, attn.scale)
     else:
         out = varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale=attn.scale)
     out = attn.norm(out.reshape(total, attn.attn_dim))
