@@ -20,9 +20,9 @@ Design (one cell = one ``effkern train`` run directory + one JSON in ``RESULTS``
   (a compressed schedule takes more, smaller steps: a baseline held to too large a batch
   would look worse than it is).  An explicit ``run --only ID`` also runs a tune cell whose
   budget's cross is not known yet (its batch size and LR are in its ID).  Grid points that
-  give the baseline fewer than ``MIN_STEPS`` = 1500
-  optimizer steps are left out (at 96k: batch 128).  The best validation kNN picks each
-  budget's batch size and LR.  The test split is never looked at.
+  give the baseline fewer than ``MIN_STEPS`` = 1500 optimizer steps are left out (at 96k:
+  batch 128).  The best validation kNN picks each budget's batch size and LR.  The test
+  split is never looked at.
 * ``final`` cells: the baseline at every budget, the compressed schedules at the two smaller
   budgets (96k, 192k: chosen so that their accuracy can fall inside the baseline's 96k-768k
   curve, where the factor is a point estimate rather than a bound), ``SEEDS`` seeds each,
@@ -418,8 +418,10 @@ def summarize(results: str = RESULTS) -> dict:
             entry["reference"][split] = {k: _stats(v) for k, v in ref.items()}
         # final cells run with HPs that a later tune cell beat (e.g. a batch size added to the grid)
         # are superseded: only the finals at each budget's best finished tune cell count
-        best = {t["images"]: max((u for u in entry["tune"] if u["images"] == t["images"]),
-                                 key=lambda u: u["val_knn"]) for t in entry["tune"]}
+        best: dict = {}
+        for t in entry["tune"]:
+            if t["images"] not in best or t["val_knn"] > best[t["images"]]["val_knn"]:
+                best[t["images"]] = t
         finals, superseded = [], []
         for r in (r for r in mine if r["cell"]["kind"] == "final"):
             b = best.get(r["cell"]["images"])
@@ -595,8 +597,7 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
          f"{', '.join(f'{b // 1000}k' for b in BUDGET_IMAGES)} baseline images "
          f"({', '.join(f'{b / TRAIN_IMAGES:.1f}' for b in BUDGET_IMAGES)} epochs-equivalent).  "
          "Hyper-parameters (batch size 128 / 64 / 32 x LR) are chosen per budget on a 5k validation split carved "
-         "from the "
-         "training set (the whole grid at 192k; at the other budgets the cross through the 192k winner, "
+         "from the training set (the whole grid at 192k; at the other budgets the cross through the 192k winner, "
          "5 of the 9 cells, minus points with fewer than 1500 optimizer steps); the test split is only used by "
          "the final cells.  kNN: k=20, T=0.07, cosine, on the "
          "CLS feature; linear probe: L-BFGS logistic regression on standardised frozen features.", "",

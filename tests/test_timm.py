@@ -443,6 +443,8 @@ def test_equal_length_packs_take_sdpa_on_cpu_and_ragged_ones_the_varlen_op(monke
     with effkern.use_backend("reference"):
         m(x, keep=0.5)
     assert len(calls) == 3 * len(m.blocks)
-    assert pv.equal_length(12, torch.zeros(4, dtype=torch.int32), 4)
-    assert not pv.equal_length(12, torch.zeros(4, dtype=torch.int32), 5)
+    assert pv.equal_length(12, torch.tensor([0, 4, 8, 12], dtype=torch.int32), 4)
+    assert not pv.equal_length(12, torch.tensor([0, 4, 8, 12], dtype=torch.int32), 5)
     assert not pv.equal_length(0, torch.zeros(1, dtype=torch.int32), 0)
+    # 12 tokens in 3 + 5 + 4 with a max_seqlen of 4 (below the longest): not equal, the op rejects it
+    assert not pv.equal_length(12, torch.tensor([0, 3, 8, 12], dtype=torch.int32), 4)

@@ -19,8 +19,14 @@ from effkern.ops import varlen_attention_qkvpacked
 
 def equal_length(total: int, cu_seqlens: torch.Tensor, max_seqlen: int) -> bool:
     """Every packed sequence has ``max_seqlen`` tokens (keep None or a ratio; views of one
-    size): total == max_seqlen x sequences, from host ints only (no device read)."""
-    return max_seqlen > 0 and total == max_seqlen * (cu_seqlens.shape[0] - 1)
+    size).  total == max_seqlen x sequences decides it from host ints when max_seqlen bounds
+    every length (the packer's exact maximum always does); in eager mode the boundaries are
+    read too (CPU only: free there), so a ``max_seqlen`` below the longest sequence goes to
+    the varlen op, which rejects it.  While torch.compile traces, the values are data."""
+    n = cu_seqlens.shape[0] - 1
+    if max_seqlen <= 0 or total != max_seqlen * n or cu_seqlens.device.type != "cpu":
+        return False
+    return torch.compiler.is_compiling() or bool((cu_seqlens.diff() == max_seqlen).all())
 
 
 def dense_attention(qkv: torch.Tensor, length: int, scale: float) -> torch.Tensor:
