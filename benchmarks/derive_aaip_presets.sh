@@ -9,9 +9,9 @@
 # 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 7} (the sizes that tile 28 px: 49 and 16 tokens) x keep {1, .75, .5, .25}
 # (one keep for all branches) from N_BATCHES minibatches x REPEATS draws; CA-MSE = bias^2 + cost * Var / n
 # for each n in NS (the choice flips with n at small sample sizes: report the heatmaps for every n);
-# the monotone-decompression rule of docs/schedules_search.md.  The preset copied into the package is
-# the one for COPY_N (COPY=0: leave the package's presets alone, e.g. while study cells that use them
-# are still running).  Roughly 25-40 min per method on 2 idle cores.
+# the monotone-decompression rule of docs/schedules_search.md.  By default (COPY=0) the package's
+# presets are left alone (the study measures them and the re-derived schedules side by side);
+# COPY=1 copies the schedule of COPY_N into effkern/schedules/aaip/.  Roughly 25-40 min per method on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EFFKERN=${EFFKERN:-.venv/bin/effkern}
@@ -19,7 +19,7 @@ N_BATCHES=${N_BATCHES:-8}
 REPEATS=${REPEATS:-4}
 NS=${NS:-1 4 16}
 COPY_N=${COPY_N:-4}
-COPY=${COPY:-1}
+COPY=${COPY:-0}
 EPOCHS=${EPOCHS:-3.2}
 BATCH=${BATCH:-64}
 LR=${LR:-2e-3}

@@ -581,7 +581,7 @@ def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS) ->
     L += ["", f"CA-MSE, bias^2 and cost-adjusted variance per checkpoint (n = {runs[0][1]['n']:g}): "
           + ", ".join(f"[progress {p:g}]({rel}/{name}/heatmap_{k}.png)"
                       for k, p in enumerate(r[0]["progress"] for r in runs[0][1]["rows"]))
-          + f"; full tables in `{rel}/<n>/search.md`.", ""]
+          + f"; full tables in `{rel}/n<n>/search.md`.", ""]
     return L
 
 

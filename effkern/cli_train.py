@@ -262,9 +262,10 @@ def schedule_main(argv: list[str]) -> int:
                            "and checkpointed there, or give PROGRESS:PATH pairs of existing checkpoints")
     srch.add_argument("--patch-sizes", type=int, nargs="+", default=None,
                       help="default: native and 2x native, or the next larger size that divides --base-size")
-    srch.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
-    srch.add_argument("--n-batches", type=int, default=4)
-    srch.add_argument("--repeats", type=int, default=3)
+    srch.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
+                      help="keep ratios tried (one keep for every branch)")
+    srch.add_argument("--n-batches", type=int, default=4, help="minibatches per candidate and checkpoint")
+    srch.add_argument("--repeats", type=int, default=3, help="gradient draws per minibatch")
     srch.add_argument("--name", default=None, help="schedule name (default aaip-METHOD)")
     srch.add_argument("--n", type=float, default=1.0, help="CA-MSE = bias^2 + cost * Var / n: the number of "
                       "baseline minibatches the comparison is made at (larger n favours unbiased strategies)")
