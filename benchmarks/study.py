@@ -283,7 +283,8 @@ def run_reference_cell(cell: dict) -> dict:
                       base_size=BASE_SIZE, val_split=VAL_SPLIT if val else 0, epochs_equivalent=1.0,
                       seed=cell["seed"], out_dir=os.path.join(RUNS, cell_id(cell)), progress_bar=False)
     run = Run(cfg)
-    out = {"random_init_knn": run.knn(), "random_init_probe": run.linear_probe()}
+    scores = run.evaluate(probe=True)
+    out = {"random_init_knn": scores["knn_acc"], "random_init_probe": scores["probe_acc"]}
     if cell["seed"] == 0:
         pixels = lambda x: x.flatten(1)  # noqa: E731
         with torch.no_grad():

@@ -219,6 +219,28 @@ def test_linear_probe_in_the_summary(tmp_path):
     assert 0.0 <= summary["probe_acc"] <= 1.0
 
 
+def test_evaluate_extracts_the_features_once_and_matches_knn_and_the_probe(tmp_path, monkeypatch):
+    """The end-of-run evaluation: the same kNN and probe accuracies as the separate
+    evaluations (each extracting its own features), from half the feature extractions."""
+    import effkern.train.knn as knn_mod
+
+    run = Run(tiny_cfg(tmp_path, limit_train=None, limit_test=None))
+    calls = []
+    real = knn_mod.extract_features
+    monkeypatch.setattr(knn_mod, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    both = run.evaluate(probe=True)
+    assert len(calls) == 2
+    # digits: 1797 images, full train/test split; the separate paths extract again (probe.py binds its own name)
+    import effkern.train.probe as probe_mod
+
+    monkeypatch.setattr(probe_mod, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    separate = {"knn_acc": run.knn(), "probe_acc": run.linear_probe()}
+    assert len(calls) == 6
+    assert both == separate
+    assert 0.2 < both["knn_acc"] < 1.0 and both["knn_acc"] != both["probe_acc"]
+    assert run.evaluate(probe=False) == {"knn_acc": both["knn_acc"]}
+
+
 def test_compiled_training_step_matches_eager(tmp_path):
     """--compile (inductor) through an ET++ schedule, whose image size changes during
     the run: same steps and, up to float reordering, the same losses as eager."""

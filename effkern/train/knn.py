@@ -16,7 +16,8 @@ from torch import Tensor
 
 from effkern.train.data import MEAN, STD, ImageData, _seeded_subset
 
-__all__ = ["MEAN", "STD", "eval_split", "extract_features", "knn_classify", "knn_accuracy"]
+__all__ = ["MEAN", "STD", "eval_split", "extract_features", "knn_classify", "knn_accuracy",
+           "knn_accuracy_from_features"]
 
 
 @torch.no_grad()
@@ -89,7 +90,17 @@ def knn_accuracy(model_fn: Callable[[Tensor], Tensor], data: ImageData, mean, st
     """Top-1 kNN accuracy in [0, 1] of ``model_fn``'s features on ``data`` (train = memory bank,
     test = queries); ``limit_*`` evaluate on fixed seeded subsets."""
     tr_x, tr_y, te_x, te_y = eval_split(data, limit_train, limit_test, (11, 12), "kNN accuracy")
-    train_feats = extract_features(model_fn, tr_x, batch_size, mean, std, device)
-    test_feats = extract_features(model_fn, te_x, batch_size, mean, std, device)
-    pred = knn_classify(train_feats, tr_y, test_feats, data.num_classes, k=k, T=T)
-    return (pred.cpu() == te_y.cpu()).float().mean().item()
+    train_feats = extract_features(model_fn, tr_x, batch_size, mean, std, device, normalize=False)
+    test_feats = extract_features(model_fn, te_x, batch_size, mean, std, device, normalize=False)
+    return knn_accuracy_from_features(train_feats, tr_y, test_feats, te_y, data.num_classes, k=k, T=T)
+
+
+@torch.no_grad()
+def knn_accuracy_from_features(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
+                               test_labels: Tensor, num_classes: int, k: int = 20, T: float = 0.07) -> float:
+    """Top-1 kNN accuracy in [0, 1] from raw (un-normalised) features, so one extraction can
+    serve the kNN and the linear probe (``F.normalize`` is row-wise: the same values as
+    normalising batch by batch during the extraction)."""
+    pred = knn_classify(F.normalize(train_feats, dim=1), train_labels, F.normalize(test_feats, dim=1),
+                        num_classes, k=k, T=T)
+    return (pred.cpu() == test_labels.cpu()).float().mean().item()

@@ -252,7 +252,7 @@ class Run:
 
     # ------------------------------------------------------------ eval
     @torch.no_grad()
-    def _evaluate(self, accuracy_fn, **kwargs) -> float:
+    def _evaluate(self, accuracy_fn, **kwargs):
         """accuracy_fn(features_fn, data, mean, std, device, **kwargs) with the eval encoder
         in eval mode (its training flag restored after)."""
         model = self.method.eval_encoder()
@@ -272,6 +272,25 @@ class Run:
         from effkern.train.knn import knn_accuracy
 
         return self._evaluate(knn_accuracy, k=self.cfg.knn_k, T=self.cfg.knn_t)
+
+    def evaluate(self, probe: bool) -> dict:
+        """{"knn_acc"} and, with ``probe``, {"probe_acc"}: the same values as ``knn()`` and
+        ``linear_probe()``, from ONE extraction of the eval split's features (it is most of
+        an evaluation's time)."""
+        from effkern.train.knn import eval_split, extract_features, knn_accuracy_from_features
+        from effkern.train.probe import linear_probe_accuracy_from_features
+
+        def both(model_fn, data, mean, std, device):
+            tr_x, tr_y, te_x, te_y = eval_split(data, None, None, (11, 12), "kNN accuracy")
+            tr = extract_features(model_fn, tr_x, 256, mean, std, device, normalize=False)
+            te = extract_features(model_fn, te_x, 256, mean, std, device, normalize=False)
+            out = {"knn_acc": knn_accuracy_from_features(tr, tr_y, te, te_y, data.num_classes,
+                                                         k=self.cfg.knn_k, T=self.cfg.knn_t)}
+            if probe:
+                out["probe_acc"] = linear_probe_accuracy_from_features(tr, tr_y, te, te_y, data.num_classes)
+            return out
+
+        return self._evaluate(both)
 
     # ------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -331,7 +350,8 @@ class Run:
                 self.state["batch_in_epoch"] = 0
         self._flush_metrics(pending)
         bar(None, None)
-        acc = self.knn()
+        scores = self.evaluate(probe=cfg.linear_probe)
+        acc = scores["knn_acc"]
         self.history.append({"step": self.state["step"], "spent": self.state["spent"], "knn": acc})
         self._save()
         summary = {"method": cfg.method, "schedule": cfg.schedule, "budget_units": self.budget,
@@ -340,7 +360,7 @@ class Run:
                    "eval_split": "val" if cfg.val_split else "test", "peak_lr": self.base_lr,
                    "images_per_s": self.state["images"] / max(self.state["wall"], 1e-9), "knn_acc": acc}
         if cfg.linear_probe:
-            summary["probe_acc"] = self.linear_probe()
+            summary["probe_acc"] = scores["probe_acc"]
         if self.rank == 0:
             _append_jsonl(metrics_path, {"final": True, **summary})
             with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:

@@ -20,7 +20,7 @@ from torch import Tensor
 from effkern.train.data import ImageData
 from effkern.train.knn import eval_split, extract_features
 
-__all__ = ["fit_linear_probe", "linear_probe_accuracy"]
+__all__ = ["fit_linear_probe", "linear_probe_accuracy", "linear_probe_accuracy_from_features"]
 
 
 def fit_linear_probe(feats: Tensor, labels: Tensor, num_classes: int, weight_decay: float = 1e-4,
@@ -68,6 +68,14 @@ def linear_probe_accuracy(model_fn: Callable[[Tensor], Tensor], data: ImageData,
     tr_x, tr_y, te_x, te_y = eval_split(data, limit_train, limit_test, (13, 14), "the linear probe")
     train_feats = extract_features(model_fn, tr_x, batch_size, mean, std, device, normalize=False)
     test_feats = extract_features(model_fn, te_x, batch_size, mean, std, device, normalize=False)
-    W, b, mu, sigma = fit_linear_probe(train_feats, tr_y, data.num_classes, weight_decay, max_iter)
+    return linear_probe_accuracy_from_features(train_feats, tr_y, test_feats, te_y, data.num_classes,
+                                               weight_decay, max_iter)
+
+
+def linear_probe_accuracy_from_features(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
+                                        test_labels: Tensor, num_classes: int, weight_decay: float = 1e-4,
+                                        max_iter: int = 300) -> float:
+    """Top-1 linear-probe accuracy in [0, 1] from raw features (fit on train, score on test)."""
+    W, b, mu, sigma = fit_linear_probe(train_feats, train_labels, num_classes, weight_decay, max_iter)
     pred = predict(W, b, mu, sigma, test_feats)
-    return (pred.cpu() == te_y.cpu()).float().mean().item()
+    return (pred.cpu() == test_labels.cpu()).float().mean().item()
