@@ -241,6 +241,35 @@ def test_evaluate_extracts_the_features_once_and_matches_knn_and_the_probe(tmp_p
     assert run.evaluate(probe=False) == {"knn_acc": both["knn_acc"]}
 
 
+def test_supervised_reports_its_classifiers_top1(tmp_path):
+    """classifier_acc = top-1 of the trained head on the eval split: the head's logits on the
+    evaluation's features equal timm's own forward on the normalised test images, and the
+    reported accuracy is theirs; self-supervised runs report none."""
+    from effkern.train.knn import extract_features
+    from effkern.train.loop import MEAN, STD
+
+    cfg = tiny_cfg(tmp_path, method="supervised", method_kwargs={}, epochs_equivalent=2.0, lr=4e-3)
+    summary = train(cfg)
+    run = Run(tiny_cfg(tmp_path, method="supervised", method_kwargs={}, epochs_equivalent=2.0, lr=4e-3, resume=True))
+    model = run.method.encoder.eval()
+    x = run.data.test_images.float().div(255.0)
+    x = (x - torch.tensor(MEAN).view(1, -1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1)
+    with torch.no_grad():
+        want = model(x)
+        feats = extract_features(lambda v: model.forward_views([v])[0], run.data.test_images, 64, MEAN, STD, "cpu",
+                                 normalize=False)
+        got = run.method.classify(feats)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert want.argmax(1).unique().numel() > 1  # not a constant prediction
+    acc = (want.argmax(1) == run.data.test_labels).float().mean().item()
+    assert abs(summary["classifier_acc"] - acc) <= 1.0 / len(run.data.test_labels) + 1e-9
+    assert "classifier_acc" not in run_mocov3_summary(tmp_path)
+
+
+def run_mocov3_summary(tmp_path):
+    return train(tiny_cfg(tmp_path, "moco", epochs_equivalent=0.25))
+
+
 def test_compiled_training_step_matches_eager(tmp_path):
     """--compile (inductor) through an ET++ schedule, whose image size changes during
     the run: same steps and, up to float reordering, the same losses as eager."""

@@ -276,7 +276,8 @@ class Run:
     def evaluate(self, probe: bool) -> dict:
         """{"knn_acc"} and, with ``probe``, {"probe_acc"}: the same values as ``knn()`` and
         ``linear_probe()``, from ONE extraction of the eval split's features (it is most of
-        an evaluation's time)."""
+        an evaluation's time); for a method that trains a classifier (supervised) also
+        {"classifier_acc"}: the top-1 of its own head on the eval split."""
         from effkern.train.knn import eval_split, extract_features, knn_accuracy_from_features
         from effkern.train.probe import linear_probe_accuracy_from_features
 
@@ -288,6 +289,9 @@ class Run:
                                                          k=self.cfg.knn_k, T=self.cfg.knn_t)}
             if probe:
                 out["probe_acc"] = linear_probe_accuracy_from_features(tr, tr_y, te, te_y, data.num_classes)
+            logits = self.method.classify(te)
+            if logits is not None:
+                out["classifier_acc"] = (logits.argmax(1).cpu() == te_y.cpu()).float().mean().item()
             return out
 
         return self._evaluate(both)
@@ -361,6 +365,8 @@ class Run:
                    "images_per_s": self.state["images"] / max(self.state["wall"], 1e-9), "knn_acc": acc}
         if cfg.linear_probe:
             summary["probe_acc"] = scores["probe_acc"]
+        if "classifier_acc" in scores:
+            summary["classifier_acc"] = scores["classifier_acc"]
         if self.rank == 0:
             _append_jsonl(metrics_path, {"final": True, **summary})
             with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:

@@ -219,6 +219,11 @@ class Method(nn.Module):
         """Backbone for kNN evaluation (a patched timm ViT)."""
         return self.encoder
 
+    def classify(self, features: Tensor) -> Tensor | None:
+        """Class logits of ``eval_encoder`` features for methods that train a classifier
+        (the end-of-run evaluation reports its top-1), None for self-supervised ones."""
+        return None
+
     def trainable_named_parameters(self) -> list[tuple[str, Tensor]]:
         """(name, param) of everything the optimizer updates (never the momentum /
         teacher copy, nor parameters that are fixed by the recipe)."""

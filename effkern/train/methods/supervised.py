@@ -25,6 +25,9 @@ class Supervised(Method):
     def view_plan(self, base_size: int) -> list[ViewPlan]:
         return [ViewPlan("global", base_size, "default")]
 
+    def classify(self, features):
+        return self.encoder.head(features)
+
     def training_step(self, views, labels, stage, progress, generator=None):
         self._check_views(views, 1)
         if labels is None:
