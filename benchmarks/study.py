@@ -446,6 +446,10 @@ def summarize(results: str = RESULTS) -> dict:
                               "knn": _stats([r["knn_acc"] for r in rs]),
                               "probe": _stats([r["probe_acc"] for r in rs if "probe_acc" in r]) if any(
                                   "probe_acc" in r for r in rs) else None,
+                              # supervised: the trained head's top-1 (EfficientTrain++'s metric), shown beside
+                              # the kNN that the study's factors use for every method
+                              "classifier": _stats([r["classifier_acc"] for r in rs if "classifier_acc" in r])
+                              if any("classifier_acc" in r for r in rs) else None,
                               "knn_per_seed": [r["knn_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])]}
                 for images, rs in sorted(cells.items())}
         aaip = [r for r in finals if r["cell"]["schedule"] == f"aaip-{method}" and "schedule_stages" in r]
@@ -644,9 +648,12 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                          f"{100 * t['val_knn']:.2f} | {probe} |")
             L.append("")
         if entry["schedules"]:
+            top1 = any(v.get("classifier") for per in entry["schedules"].values() for v in per.values())
             L += ["Final cells (test split):", "",
                   "| schedule | budget (epochs-eq.) | batch | lr | steps | kNN % (mean ± std over seeds) | "
-                  "probe % | compute saved [90% CI] | wall-clock saved |", "|---|---|---|---|---|---|---|---|---|"]
+                  "probe % | " + ("classifier top-1 % | " if top1 else "")
+                  + "compute saved (kNN) [90% CI] | wall-clock saved |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if top1 else "") + "---|"]
             for schedule, per_budget in entry["schedules"].items():
                 for v in per_budget.values():
                     cs = v.get("compute_saved")
@@ -656,9 +663,10 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                     else:
                         saved = "-" if schedule == "none" else "not yet (needs 2 baseline budgets, 2 seeds)"
                     wall = f"{v['wall_clock_saved']:.2f}x" if "wall_clock_saved" in v else "-"
+                    cls = f"{_pct(v.get('classifier'))} | " if top1 else ""
                     L.append(f"| {schedule} | {v['epochs_equivalent']:.1f} | {v['batch']} | {v['lr']:g} | "
                              f"{'/'.join(map(str, v['steps']))} | {_pct(v['knn'])} | {_pct(v['probe'])} | "
-                             f"{saved} | {wall} |")
+                             f"{cls}{saved} | {wall} |")
             L.append("")
         if entry.get("superseded_finals"):
             L += [f"Superseded final cells (run at a batch size / LR that a later tune cell beat; not counted): "

@@ -181,7 +181,23 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     assert f"mocov3 const:keep=0.5 at {B[0] / study.TRAIN_IMAGES:.1f} epochs-eq.: factor 2.0" in text
     assert "| const:keep=0.5 | 20 (10) | 100 (90) | 0.90x |" in text  # the interleaved timing table
     assert "## simclr" not in text  # no section for a method without cells
+    assert "classifier top-1" not in text  # self-supervised cells have no classifier
     assert math.isnan(study._stats([0.5])["std"])
+
+
+def test_supervised_finals_show_the_classifiers_top1_beside_the_knn(tmp_path):
+    results = str(tmp_path / "results")
+    for seed, (knn, top1) in enumerate([(0.70, 0.81), (0.72, 0.85)]):
+        cell = {"kind": "final", "method": "supervised", "schedule": "none", "images": study.BUDGET_IMAGES[0],
+                "batch": 64, "lr": 2e-3, "seed": seed, "split": "test"}
+        study.write_result(cell, {"knn_acc": knn, "classifier_acc": top1, "steps": 10}, results)
+    summary = study.summarize(results)
+    v = summary["methods"]["supervised"]["schedules"]["none"][str(study.BUDGET_IMAGES[0])]
+    assert v["knn"]["mean"] == pytest.approx(0.71) and v["classifier"]["mean"] == pytest.approx(0.83)
+    report = str(tmp_path / "results.md")
+    study.write_report(summary, {"supervised": (2, 56)}, report)
+    text = open(report).read()
+    assert "classifier top-1 % |" in text and "| 83.00 ± 2.83 (n=2) |" in text
 
 
 def test_interleaved_timing_alternates_runs_and_counts_the_planned_steps(tmp_path):
