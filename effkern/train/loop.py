@@ -427,4 +427,10 @@ def train(cfg: TrainConfig) -> dict:
         return Run(cfg).train()
     finally:
         if started:
+            # the Run (its FSDP/DDP modules hold the process group) is unreachable by now: collect
+            # it so the group's gloo threads are joined here, not in the interpreter's exit, where
+            # a still-joinable thread aborts the process (SIGABRT after a finished run)
+            import gc
+
+            gc.collect()
             dist.destroy()
