@@ -230,7 +230,7 @@ def test_evaluate_extracts_the_features_once_and_matches_knn_and_the_probe(tmp_p
     monkeypatch.setattr(knn_mod, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     both = run.evaluate(probe=True)
     assert len(calls) == 2
-    # digits: 1797 images, full train/test split; the separate paths extract again (probe.py binds its own name)
+    # the separate paths: two extractions each (probe.py imported extract_features under its own name)
     import effkern.train.probe as probe_mod
 
     monkeypatch.setattr(probe_mod, "extract_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -263,11 +263,7 @@ def test_supervised_reports_its_classifiers_top1(tmp_path):
     assert want.argmax(1).unique().numel() > 1  # not a constant prediction
     acc = (want.argmax(1) == run.data.test_labels).float().mean().item()
     assert abs(summary["classifier_acc"] - acc) <= 1.0 / len(run.data.test_labels) + 1e-9
-    assert "classifier_acc" not in run_mocov3_summary(tmp_path)
-
-
-def run_mocov3_summary(tmp_path):
-    return train(tiny_cfg(tmp_path, "moco", epochs_equivalent=0.25))
+    assert "classifier_acc" not in train(tiny_cfg(tmp_path, "moco", epochs_equivalent=0.25))
 
 
 def test_compiled_training_step_matches_eager(tmp_path):
