@@ -347,12 +347,13 @@ def budget_needed(curve: list[tuple[float, float]], acc: float) -> tuple[float, 
     env = _envelope(curve)
     if not env:
         raise ValueError("budget_needed: empty baseline curve")
+    budgets = sorted(b for b, _ in curve)  # the bounds exactly (2 ** log2(b) need not give b back)
     if acc <= env[0][1]:
-        return 2 ** env[0][0], "<="
+        return budgets[0], "<="
     for (x0, a0), (x1, a1) in zip(env, env[1:]):
         if a0 < acc <= a1:
             return 2 ** (x0 + (acc - a0) * (x1 - x0) / (a1 - a0)), "="
-    return 2 ** env[-1][0], ">"
+    return budgets[-1], ">"
 
 
 def compute_saved(baseline: dict[float, list[float]], schedule: list[float], budget: float,
@@ -533,9 +534,19 @@ def _shown(summary: dict) -> list[str]:
                    if v.get("compute_saved")]
         for schedule, v in factors:
             cs = v["compute_saved"]
+            where = f"{method} {schedule} at {v['epochs_equivalent']:.1f} epochs-eq."
+            if cs["bound"] == ">":  # above the largest baseline budget's kNN: only a lower bound
+                out.append(f"{where}: its kNN is above the baseline's at the largest budget run, so the factor is "
+                           f"only bounded: >= {cs['factor']:.2f}x ({100 * cs['censored_fraction']:.0f}% of the "
+                           f"bootstrap draws censored; over {v['knn']['n']} seeds; paper: {PAPERS[method]}).")
+                continue
+            if cs["bound"] == "<=":  # the smallest baseline budget already matches it
+                out.append(f"{where}: the baseline's smallest budget already matches it: factor <= "
+                           f"{cs['factor']:.2f}x over {v['knn']['n']} seeds (paper: {PAPERS[method]}).")
+                continue
             verdict = ("saves compute" if cs["interval"][0] > 1 else "costs compute" if cs["interval"][1] < 1
                        else "is not distinguishable from the baseline")
-            out.append(f"{method} {schedule} at {v['epochs_equivalent']:.1f} epochs-eq.: factor {cs['factor']:.2f}x, "
+            out.append(f"{where}: factor {cs['factor']:.2f}x, "
                        f"90% interval [{cs['interval'][0]:.2f}, {cs['interval'][1]:.2f}] over {v['knn']['n']} "
                        f"seeds: it {verdict} at this scale (paper: {PAPERS[method]}).")
         if not factors:

@@ -182,6 +182,18 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     assert "| const:keep=0.5 | 20 (10) | 100 (90) | 0.90x |" in text  # the interleaved timing table
     assert "## simclr" not in text  # no section for a method without cells
     assert "classifier top-1" not in text  # self-supervised cells have no classifier
+    # a schedule above the largest baseline budget gets a lower bound, never a verdict
+    for seed in study.SEEDS[:2]:
+        cell = {"kind": "final", "method": "mocov3", "schedule": "efficienttrain++", "images": B[1], "batch": 128,
+                "lr": 2e-3, "seed": seed, "split": "test"}
+        study.write_result(cell, {"knn_acc": 0.9, "steps": 20}, results)
+    summary = study.summarize(results)
+    et = summary["methods"]["mocov3"]["schedules"]["efficienttrain++"][str(B[1])]["compute_saved"]
+    assert et["bound"] == ">" and et["factor"] == B[-1] / B[1] and et["censored_fraction"] == 1.0
+    study.write_report(summary, {"mocov3": (14, 99)}, report)
+    text = open(report).read()
+    assert f"so the factor is only bounded: >= {B[-1] / B[1]:.2f}x (100% of the bootstrap draws censored" in text
+    assert "efficienttrain++ at" in text and "costs compute" not in text
     assert math.isnan(study._stats([0.5])["std"])
 
 
