@@ -668,12 +668,12 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
             for schedule, per_budget in entry["schedules"].items():
                 for v in per_budget.values():
                     cs = v.get("compute_saved")
+                    b = {"=": "", "<=": "<= ", ">": ">= "}[cs["bound"]] if cs else ""
                     if cs:
-                        b = {"=": "", "<=": "<= ", ">": ">= "}[cs["bound"]]
                         saved = f"{b}{cs['factor']:.2f}x [{cs['interval'][0]:.2f}, {cs['interval'][1]:.2f}]"
                     else:
                         saved = "-" if schedule == "none" else "not yet (needs 2 baseline budgets, 2 seeds)"
-                    wall = f"{v['wall_clock_saved']:.2f}x" if "wall_clock_saved" in v else "-"
+                    wall = f"{b}{v['wall_clock_saved']:.2f}x" if "wall_clock_saved" in v else "-"  # same bound
                     cls = f"{_pct(v.get('classifier'))} | " if top1 else ""
                     L.append(f"| {schedule} | {v['epochs_equivalent']:.1f} | {v['batch']} | {v['lr']:g} | "
                              f"{'/'.join(map(str, v['steps']))} | {_pct(v['knn'])} | {_pct(v['probe'])} | "

@@ -187,6 +187,8 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
         cell = {"kind": "final", "method": "mocov3", "schedule": "efficienttrain++", "images": B[1], "batch": 128,
                 "lr": 2e-3, "seed": seed, "split": "test"}
         study.write_result(cell, {"knn_acc": 0.9, "steps": 20}, results)
+    study.write_result({"kind": "timing", "method": "mocov3", "schedule": "efficienttrain++", "batch": 128},
+                       {"time_per_unit_ratio": 0.9}, results)
     summary = study.summarize(results)
     et = summary["methods"]["mocov3"]["schedules"]["efficienttrain++"][str(B[1])]["compute_saved"]
     assert et["bound"] == ">" and et["factor"] == B[-1] / B[1] and et["censored_fraction"] == 1.0
@@ -194,6 +196,8 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     text = open(report).read()
     assert f"so the factor is only bounded: >= {B[-1] / B[1]:.2f}x (100% of the bootstrap draws censored" in text
     assert "efficienttrain++ at" in text and "costs compute" not in text
+    f = B[-1] / B[1]
+    assert f"| >= {f:.2f}x [{f:.2f}, {f:.2f}] | >= {0.9 * f:.2f}x |" in text  # the wall-clock factor: the same bound
     assert math.isnan(study._stats([0.5])["std"])
 
 
