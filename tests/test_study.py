@@ -197,8 +197,70 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     assert f"so the factor is only bounded: >= {B[-1] / B[1]:.2f}x (100% of the bootstrap draws censored" in text
     assert "efficienttrain++ at" in text and "costs compute" not in text
     f = B[-1] / B[1]
-    assert f"| >= {f:.2f}x [{f:.2f}, {f:.2f}] | >= {0.9 * f:.2f}x |" in text  # the wall-clock factor: the same bound
+    assert f"at {B[-1] // 1000}k, the largest budget on the curve" in text
+    # every draw censored above: both interval ends open; the wall-clock factor carries the same bounds
+    assert et["interval_bounds"] == [">", ">"]
+    assert f"| >= {f:.2f}x [>= {f:.2f}, inf) | >= {0.9 * f:.2f}x [>= {0.9 * f:.2f}, inf) |" in text
     assert math.isnan(study._stats([0.5])["std"])
+
+
+def _final(results, schedule, images, seed, knn):
+    cell = {"kind": "final", "method": "mocov3", "schedule": schedule, "images": images, "batch": 128,
+            "lr": 2e-3, "seed": seed, "split": "test"}
+    study.write_result(cell, {"knn_acc": knn, "steps": 10}, results)
+
+
+def test_a_baseline_budget_joins_the_curve_only_with_enough_seeds(tmp_path):
+    results = str(tmp_path)
+    B = study.BUDGET_IMAGES
+    for seed in study.SEEDS:
+        _final(results, "none", B[0], seed, 0.70 + 0.002 * seed)
+        _final(results, "none", B[1], seed, 0.74 + 0.002 * seed)
+        _final(results, "aaip-mocov3", B[0], seed, 0.76)
+        _final(results, "aaip-mocov3", B[1], seed, 0.80)
+    _final(results, "none", B[2], 0, 0.78)  # one seed of the largest budget: kept off the curve
+    m = study.summarize(results)["methods"]["mocov3"]
+    assert m["baseline_curve_budgets"] == [B[0], B[1]]
+    at_small = m["schedules"]["aaip-mocov3"][str(B[0])]["compute_saved"]
+    at_mid = m["schedules"]["aaip-mocov3"][str(B[1])]["compute_saved"]
+    assert at_small["bound"] == ">" and at_small["factor"] == B[1] / B[0]
+    assert at_mid["bound"] == ">" and at_mid["factor"] == 1.0  # beats every budget on the curve, none larger
+    report = str(tmp_path / "results.md")
+    study.write_report(study.summarize(results), {"mocov3": (1, 1)}, report)
+    text = open(report).read()
+    assert "no factor yet (needs a larger baseline budget" in text and ">= 1.00x" not in text
+    assert "not yet (above the baseline at every budget on its curve, none larger)" in text
+    _final(results, "none", B[2], 1, 0.78)  # a second seed: the point estimate appears
+    m = study.summarize(results)["methods"]["mocov3"]
+    at_small = m["schedules"]["aaip-mocov3"][str(B[0])]["compute_saved"]
+    assert m["baseline_curve_budgets"] == list(B) and at_small["bound"] == "="
+    assert at_small["factor"] == pytest.approx(2 * 2 ** ((0.76 - 0.742) / (0.78 - 0.742)))
+
+
+def test_a_baseline_that_dips_with_budget_is_flagged(tmp_path):
+    results = str(tmp_path)
+    B = study.BUDGET_IMAGES
+    for seed in study.SEEDS[:2]:
+        for images, acc in zip(B, (0.70, 0.75, 0.74)):
+            _final(results, "none", images, seed, acc)
+        _final(results, "const:keep=0.5", B[0], seed, 0.72)
+    summary = study.summarize(results)
+    assert summary["methods"]["mocov3"]["baseline_monotone"] is False
+    report = str(tmp_path / "results.md")
+    study.write_report(summary, {"mocov3": (1, 1)}, report)
+    assert "does not rise with every budget on its curve (96k, 192k, 384k)" in open(report).read()
+
+
+def test_interval_ends_set_by_censored_draws_are_printed_open():
+    curve = {1.0: [0.5, 0.5], 2.0: [0.6, 0.6]}
+    mixed = study.compute_saved(curve, [0.54, 0.64], 1.0, n_boot=400, seed=0)  # some draws above the curve
+    assert mixed["bound"] == "=" and 0 < mixed["censored_fraction"] < 1
+    assert mixed["interval_bounds"] == ["=", ">"] and study._interval_text(mixed).endswith(", inf)")
+    below = study.compute_saved(curve, [0.45, 0.55], 1.0, n_boot=400, seed=0)
+    assert below["interval_bounds"][0] == "<=" and study._interval_text(below).startswith("[<= 1.00, ")
+    inside = study.compute_saved(curve, [0.55, 0.56], 1.0, n_boot=50)
+    assert inside["interval_bounds"] == ["=", "="]
+    assert study._interval_text(inside) == f"[{inside['interval'][0]:.2f}, {inside['interval'][1]:.2f}]"
 
 
 def test_supervised_finals_show_the_classifiers_top1_beside_the_knn(tmp_path):
@@ -255,17 +317,23 @@ def test_report_lists_the_search_rerun_beside_the_stages_the_aaip_cells_ran(tmp_
 
     stage = {"patch_size": 4, "keep": {"default": 0.25}, "resolution": 1.0, "randaug_magnitude": None, "name": "a"}
     full = dict(stage, keep={"default": 1.0}, name="b")
-    for n in (4, 1):
+    for n in (4, 1, 16):
         os.makedirs(tmp_path / "mocov3" / f"n{n}")
         stages = [{"start": 0.0, "stage": stage}] + ([{"start": 0.125, "stage": full}] if n == 4 else [])
-        rows = [[{"progress": p, "cost": 1.0, "argmin": p > 0}, {"progress": p, "cost": 0.3, "argmin": p == 0}]
-                for p in (0.0, 0.5)]
+        if n == 16:  # the search picks the uncompressed candidate everywhere: the baseline itself
+            stages = [{"start": 0.0, "stage": full}]
+        rows = [[{"progress": p, "cost": 1.0, "argmin": p > 0, "name": "b"},
+                 {"progress": p, "cost": 0.3, "argmin": p == 0, "name": "a"}] for p in (0.0, 0.5)]
         with open(tmp_path / "mocov3" / f"n{n}" / "search.json", "w") as f:
             json.dump({"n": n, "n_batches": 8, "repeats": 4, "schedule": {"stages": stages}, "rows": rows}, f)
     lines = study._search_section("mocov3", {"aaip_stages": [{"start": 0.0, "stage": stage}]}, str(tmp_path))
-    table = [line for line in lines if line.startswith("| 1 ") or line.startswith("| 4 ")]
+    table = [line for line in lines if line.startswith("| 1") or line.startswith("| 4 ")]
     assert table == ["| 1 | 8 x 4 | 0: patch 4 keep 0.25 |",
-                     "| 4 | 8 x 4 | 0: patch 4 keep 0.25; 0.125: patch 4 keep 1 |"]  # sorted by n
+                     "| 4 | 8 x 4 | 0: patch 4 keep 0.25; 0.125: patch 4 keep 1 |",
+                     "| 16 | 8 x 4 | 0: patch 4 keep 1 |"]  # sorted by n
+    baseline_itself = [line for line in lines if "schedule is the uncompressed baseline itself" in line]
+    assert len(baseline_itself) == 1 and baseline_itself[0].startswith("So the n = 16 search's")
+    assert f"The study's `{study.REDERIVED}` cells run the n = 1 schedule." in lines
     assert any("ran the package preset: 0: patch 4 keep 0.25." in line for line in lines)
     assert any("has the lowest CA-MSE at progress 0.5 (checkpoints: 0, 0.5)" in line for line in lines)
     assert any("n1/heatmap_1.png" in line and "progress 0.5" in line for line in lines)
@@ -289,3 +357,20 @@ def test_the_rederived_schedule_joins_the_study_once_its_file_exists(tmp_path, m
     cfg = study.train_config(cell, str(tmp_path / "runs"))
     assert dict(get_schedule(cfg.schedule).at(0.0).keep) == {"default": 0.25}
     assert "/" not in study.cell_id(cell).split("/final/")[1].split("/")[0]  # one directory level per part
+
+
+def test_finals_count_at_their_grids_winner_even_beside_a_better_off_grid_tune_cell(tmp_path):
+    results = str(tmp_path)
+    _finish_tuning(results, "mocov3", study.ANCHOR_IMAGES, best=(64, 2e-3))
+    small = min(study.BUDGET_IMAGES)
+    for batch, lr in study.tune_grid("mocov3", small, results):
+        acc = 0.7 if (batch, lr) == (64, 2e-3) else 0.6
+        study.write_result(study.tune_cell("mocov3", small, batch, lr), {"knn_acc": acc, "steps": 1}, results)
+    assert study.tuned_hp("mocov3", small, results) == (64, 2e-3)
+    # a cell off the cross (run by hand with --only) scores higher; it is not part of the grid
+    study.write_result(study.tune_cell("mocov3", small, 32, 4e-3), {"knn_acc": 0.75, "steps": 1}, results)
+    final = {"kind": "final", "method": "mocov3", "schedule": "none", "images": small, "batch": 64, "lr": 2e-3,
+             "seed": 0, "split": "test"}
+    study.write_result(final, {"knn_acc": 0.71, "steps": 1}, results)
+    entry = study.summarize(results)["methods"]["mocov3"]
+    assert entry["superseded_finals"] == [] and entry["schedules"]["none"][str(small)]["knn"]["mean"] == 0.71
