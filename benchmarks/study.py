@@ -461,7 +461,9 @@ def summarize(results: str = RESULTS) -> dict:
                               # the kNN that the study's factors use for every method
                               "classifier": _stats([r["classifier_acc"] for r in rs if "classifier_acc" in r])
                               if any("classifier_acc" in r for r in rs) else None,
-                              "knn_per_seed": [r["knn_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])]}
+                              "knn_per_seed": [r["knn_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])],
+                              "probe_per_seed": [r["probe_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])]
+                              if all("probe_acc" in r for r in rs) else None}
                 for images, rs in sorted(cells.items())}
         aaip = [r for r in finals if r["cell"]["schedule"] == f"aaip-{method}" and "schedule_stages" in r]
         if aaip:
@@ -483,6 +485,12 @@ def summarize(results: str = RESULTS) -> dict:
                     if ratio is not None:  # the step-time ratio of the timing cell (a point value, no interval)
                         v["wall_clock_saved"] = v["compute_saved"]["factor"] * ratio
                         v["wall_clock_interval"] = [f * ratio for f in v["compute_saved"]["interval"]]
+                    # the same inversion on the linear probe's curve: a check that the factor is not a kNN artefact
+                    probe_curve = {v["images"]: v["probe_per_seed"] for v in base.values()
+                                   if v["images"] in base_curve and v.get("probe_per_seed")}
+                    if len(probe_curve) == len(base_curve) and v.get("probe_per_seed") and \
+                            len(v["probe_per_seed"]) >= 2:
+                        v["compute_saved_probe"] = compute_saved(probe_curve, v["probe_per_seed"], v["images"])
                 else:
                     v["compute_saved"] = None  # needs >= 2 baseline budgets and >= 2 seeds
         summary["methods"][method] = entry
@@ -573,13 +581,18 @@ def _shown(summary: dict) -> list[str]:
                 continue
             verdict = ("saves compute" if cs["interval"][0] > 1 else "costs compute" if cs["interval"][1] < 1
                        else "is not distinguishable from the baseline")
+            probe = v.get("compute_saved_probe")
             out.append(f"{where}: factor {cs['factor']:.2f}x, 90% bootstrap interval {_interval_text(cs)} over "
                        f"{v['knn']['n']} seeds ({100 * cs['censored_fraction']:.0f}% of the draws censored): it "
-                       f"{verdict} at this scale (paper: {PAPERS[method]}).")
+                       f"{verdict} at this scale (paper: {PAPERS[method]})"
+                       + (f"; by the linear probe {_factor_text(probe)}." if probe else "."))
         if not factors:
             out.append(f"{method}: no compute-saved factor yet (it needs the baseline at >= 2 budgets and the "
                        f"compressed schedule, >= 2 seeds each, on the test split); no saving is claimed.")
     return out
+
+
+BOUND_PREFIX = {"=": "", "<=": "<= ", ">": ">= "}
 
 
 def _beyond_curve(cs: dict) -> bool:
@@ -592,9 +605,18 @@ def _interval_text(cs: dict, scale: float = 1.0) -> str:
     """'[lo, hi]' of a compute_saved interval; an end set by a censored draw is open: '>= lo' /
     'inf)' above the curve, '<= ' below it."""
     (lo, hi), (blo, bhi) = cs["interval"], cs.get("interval_bounds", ["=", "="])
-    left = {"=": "", ">": ">= ", "<=": "<= "}[blo] + f"{scale * lo:.2f}"
-    right = "inf)" if bhi == ">" else {"=": "", "<=": "<= "}[bhi] + f"{scale * hi:.2f}]"
+    left = BOUND_PREFIX[blo] + f"{scale * lo:.2f}"
+    right = "inf)" if bhi == ">" else BOUND_PREFIX[bhi] + f"{scale * hi:.2f}]"
     return f"[{left}, {right}"
+
+
+def _factor_text(cs: dict | None) -> str:
+    """'2.97x [2.76, 3.16]' / '>= 2.00x [>= 2.00, inf)' of a compute_saved result; '-' for none."""
+    if not cs:
+        return "-"
+    if _beyond_curve(cs):
+        return "not yet"
+    return f"{BOUND_PREFIX[cs['bound']]}{cs['factor']:.2f}x {_interval_text(cs)}"
 
 
 def _stages_text(stages: list[dict]) -> str:
@@ -711,20 +733,20 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
             L += ["Final cells (test split):", "",
                   "| schedule | budget (epochs-eq.) | batch | lr | steps | kNN % (mean ± std over seeds) | "
                   "probe % | " + ("classifier top-1 % | " if top1 else "")
-                  + "compute saved (kNN) [90% bootstrap] | wall-clock saved |",
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if top1 else "") + "---|"]
+                  + "compute saved (kNN) [90% bootstrap] | wall-clock saved | compute saved (probe) |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if top1 else "") + "---|---|"]
             for schedule, per_budget in entry["schedules"].items():
                 for v in per_budget.values():
                     cs = v.get("compute_saved")
-                    b = {"=": "", "<=": "<= ", ">": ">= "}[cs["bound"]] if cs else ""
                     wall = "-"
                     if cs and _beyond_curve(cs):
                         saved = "not yet (above the baseline at every budget on its curve, none larger)"
                     elif cs:
-                        saved = f"{b}{cs['factor']:.2f}x {_interval_text(cs)}"
+                        saved = _factor_text(cs)
                         if "wall_clock_saved" in v:  # the compute factor times the step-time ratio: same bounds
                             ratio = v["wall_clock_saved"] / cs["factor"]
-                            wall = f"{b}{v['wall_clock_saved']:.2f}x {_interval_text(cs, ratio)}"
+                            wall = (f"{BOUND_PREFIX[cs['bound']]}{v['wall_clock_saved']:.2f}x "
+                                    f"{_interval_text(cs, ratio)}")
                     else:
                         saved = "-" if schedule == "none" else (
                             f"not yet ({v['knn']['n']} seed; needs 2)" if v["knn"]["n"] < 2 else
@@ -732,7 +754,7 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                     cls = f"{_pct(v.get('classifier'))} | " if top1 else ""
                     L.append(f"| {schedule} | {v['epochs_equivalent']:.1f} | {v['batch']} | {v['lr']:g} | "
                              f"{'/'.join(map(str, v['steps']))} | {_pct(v['knn'])} | {_pct(v['probe'])} | "
-                             f"{cls}{saved} | {wall} |")
+                             f"{cls}{saved} | {wall} | {_factor_text(v.get('compute_saved_probe'))} |")
             curve = entry.get("baseline_curve_budgets", [])
             L += ["", "Compute saved: the baseline budget whose kNN the schedule's mean kNN matches (linear in "
                   "log2 budget on the baseline's mean curve, flattened to the best so far) / the schedule's "
@@ -744,7 +766,8 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                   "distinct resamples and under-covers: read it as the seeds' spread carried through the "
                   "inversion, not as a calibrated 90% confidence interval.  Wall-clock saved = compute saved x "
                   "the step-time ratio of the timing table below (one interleaved measurement, no interval of "
-                  "its own).", ""]
+                  "its own).  The last column inverts the linear probe's curve the same way: a check that the "
+                  "factor is not an artefact of the kNN.", ""]
         if entry.get("superseded_finals"):
             L += [f"Superseded final cells (run at a batch size / LR that a later tune cell beat; not counted): "
                   f"{', '.join(f'`{c}`' for c in entry['superseded_finals'])}.", ""]

@@ -174,12 +174,15 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     const = m["schedules"]["const:keep=0.5"][str(B[0])]
     assert const["knn"]["n"] == 2 and const["compute_saved"]["factor"] == pytest.approx(2.0, rel=0.02)
     assert const["wall_clock_saved"] == pytest.approx(0.9 * const["compute_saved"]["factor"])
+    # the same inversion on the probe's curve (0.75 / 0.79 / 0.83): 0.8 sits a quarter of the way up to 384k
+    assert const["compute_saved_probe"]["factor"] == pytest.approx(2 * 2 ** 0.25)
     report = str(tmp_path / "results.md")
     study.write_report(summary, {"mocov3": (12, 99)}, report)
     text = open(report).read()
     assert "| mocov3 | 12 | 99 |" in text and "simclr: no finished cell; nothing is shown" in text
     assert f"mocov3 const:keep=0.5 at {B[0] / study.TRAIN_IMAGES:.1f} epochs-eq.: factor 2.0" in text
     assert "| const:keep=0.5 | 20 (10) | 100 (90) | 0.90x |" in text  # the interleaved timing table
+    assert f"| {2 * 2 ** 0.25:.2f}x [" in text  # the probe's factor, last column
     assert "## simclr" not in text  # no section for a method without cells
     assert "classifier top-1" not in text  # self-supervised cells have no classifier
     # a schedule above the largest baseline budget gets a lower bound, never a verdict
@@ -191,6 +194,7 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
                        {"time_per_unit_ratio": 0.9}, results)
     summary = study.summarize(results)
     et = summary["methods"]["mocov3"]["schedules"]["efficienttrain++"][str(B[1])]["compute_saved"]
+    assert "compute_saved_probe" not in summary["methods"]["mocov3"]["schedules"]["efficienttrain++"][str(B[1])]
     assert et["bound"] == ">" and et["factor"] == B[-1] / B[1] and et["censored_fraction"] == 1.0
     study.write_report(summary, {"mocov3": (14, 99)}, report)
     text = open(report).read()
