@@ -39,8 +39,10 @@ schedule gets the same compute and more steps.
 
 Bookkeeping: a cell whose JSON exists is finished and skipped; an interrupted cell resumes
 from its last checkpoint (``CKPT_EVERY`` steps; the resumed run is bit-for-bit the
-uninterrupted one).  ``summarize`` reads only the JSONs, so it can run at any time: cells
-that are missing are reported as missing, never filled in.
+uninterrupted one).  Several ``run`` processes can share the grid: each claims a cell
+(an exclusive file under ``runs/study/.claims/``) before running it.  ``summarize`` reads
+only the JSONs, so it can run at any time: cells that are missing are reported as missing,
+never filled in.
 
 Compute saved at equal accuracy (per schedule and budget b): the baseline's mean kNN vs
 log2(budget) curve, made monotone (best so far), is inverted at the schedule's mean kNN ->
@@ -232,6 +234,70 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
 def pending(cells: list[dict], results: str = RESULTS) -> list[dict]:
     """The cells still to run, in order (finished and blocked cells left out)."""
     return [c for c in cells if "blocked" not in c and load_result(c, results) is None]
+
+
+# ----------------------------------------------------------------------------- claims
+# Several ``run`` processes may share one machine (one torch thread each): a process claims a cell by
+# creating its claim file exclusively (O_EXCL) before running it, so two runners never train the same cell.
+# A claim whose process is gone (killed, machine restarted) is stale and taken over.
+def _claim_path(cell: dict) -> str:
+    return os.path.join(RUNS, ".claims", cell_id(cell).replace("/", "__"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_owner(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+
+
+def claim(cell: dict) -> bool:
+    """True when this process now holds the cell (claim file created; a stale one is taken over)."""
+    path = _claim_path(cell)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _claim_owner(path)
+            if owner == os.getpid():
+                return True
+            if owner and _alive(owner):
+                return False
+            try:  # stale (its process is gone): take it over
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(cell: dict) -> None:
+    path = _claim_path(cell)
+    if _claim_owner(path) == os.getpid():
+        os.remove(path)
+
+
+def others_running(method: str) -> bool:
+    """Whether another live process holds a claim on a cell of ``method`` (its result may unblock cells)."""
+    folder = os.path.join(RUNS, ".claims")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return any(n.startswith(f"{method}__") and (owner := _claim_owner(os.path.join(folder, n)))
+               and owner != os.getpid() and _alive(owner) for n in names)
 
 
 # ----------------------------------------------------------------------------- running
@@ -708,8 +774,10 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
           "every cell as done / todo / blocked (final cells wait for their budget's tuning grid); "
           "`nice -n 15 python benchmarks/study.py run --method mocov3 --threads 1` runs the next cells in order "
           "(finished cells are skipped, an interrupted training cell resumes from its last checkpoint in "
-          "`runs/study/`); commit the new JSONs in `benchmarks/results/study/` and regenerate this page with "
-          "`python benchmarks/study.py summarize`.", ""]
+          "`runs/study/`).  On a machine with N cores, start N such runners: each claims a cell before it "
+          "runs it (`runs/study/.claims/`), so no two train the same cell, and a runner whose remaining cells "
+          "wait for another's results polls until they are unblocked.  Commit the new JSONs in "
+          "`benchmarks/results/study/` and regenerate this page with `python benchmarks/study.py summarize`.", ""]
     for method, entry in summary["methods"].items():
         L += [f"## {method}", ""]
         if entry["reference"]:
@@ -806,6 +874,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells")
     p.add_argument("--only", default=None, help="run only the cell with this id (see plan)")
     p.add_argument("--results", default=RESULTS)
+    p.add_argument("--poll", type=float, default=30.0, help="seconds between looks for work while other "
+                   "runners hold every runnable cell (several runners may share the grid: cells are claimed)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (on a machine shared with "
                    "other jobs, 1 is several times faster than 2: OpenMP waits at every op)")
     args = p.parse_args(argv)
@@ -841,16 +911,25 @@ def main(argv=None) -> int:
             if not todo and args.only is not None:  # a tune cell named explicitly: its HPs are in its id
                 todo = [c for c in plan(method, args.results) if c["kind"] == "tune" and c["kind"] in args.stage
                         and cell_id(c) == args.only and load_result(c, args.results) is None]
-            if not todo:
+            cell = next((c for c in todo if claim(c)), None)
+            if cell is None:
+                if args.only is None and others_running(method):
+                    # the other runners' cells are running, or their results will unblock final cells
+                    time.sleep(args.poll)
+                    continue
                 break
-            cell = todo[0]
-            print(f"== {cell_id(cell)}  ({time.strftime('%H:%M:%S')})", flush=True)
-            t0 = time.time()
-            result = run_cell(cell)
-            result.setdefault("process_wall_s", time.time() - t0)
-            result["threads"] = _threads()
-            print(f"   -> {write_result(cell, result, args.results)}", flush=True)
-            ran += 1
+            try:
+                if load_result(cell, args.results) is not None:  # finished by another runner meanwhile
+                    continue
+                print(f"== {cell_id(cell)}  ({time.strftime('%H:%M:%S')})", flush=True)
+                t0 = time.time()
+                result = run_cell(cell)
+                result.setdefault("process_wall_s", time.time() - t0)
+                result["threads"] = _threads()
+                print(f"   -> {write_result(cell, result, args.results)}", flush=True)
+                ran += 1
+            finally:
+                release(cell)
     return 0
 
 

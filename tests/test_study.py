@@ -15,6 +15,12 @@ study = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(study)
 
 
+@pytest.fixture(autouse=True)
+def _private_runs(tmp_path, monkeypatch):
+    """Run directories and cell claims of these tests live in tmp, never in the repository's runs/."""
+    monkeypatch.setattr(study, "RUNS", str(tmp_path / "runs"))
+
+
 def _finish_tuning(results, method, images, best=(64, 4e-3)):
     for batch in study.GRID_BATCH:
         for lr in study.GRID_LR:
@@ -378,3 +384,49 @@ def test_finals_count_at_their_grids_winner_even_beside_a_better_off_grid_tune_c
     study.write_result(final, {"knn_acc": 0.71, "steps": 1}, results)
     entry = study.summarize(results)["methods"]["mocov3"]
     assert entry["superseded_finals"] == [] and entry["schedules"]["none"][str(small)]["knn"]["mean"] == 0.71
+
+
+def test_a_cell_claimed_by_a_live_runner_is_left_to_it_and_a_stale_claim_is_taken_over(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    results = str(tmp_path / "results")
+    todo = study.pending(study.plan("mocov3", results), results)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = study._claim_path(todo[0])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(str(other.pid))  # another runner holds the first cell
+        assert not study.claim(todo[0]) and study.others_running("mocov3")
+        ran = []
+        monkeypatch.setattr(study, "run_cell", lambda c: ran.append(study.cell_id(c)) or {"knn_acc": 0.1, "steps": 1})
+        assert study.main(["run", "--results", results, "--max-cells", "1"]) == 0
+        assert ran == [study.cell_id(todo[1])] and not os.path.exists(study._claim_path(todo[1]))  # released
+        assert study.load_result(todo[0], results) is None
+    finally:
+        other.kill()
+        other.wait()
+    assert not study.others_running("mocov3")  # its process is gone: the claim is stale
+    assert study.claim(todo[0]) and study._claim_owner(path) == os.getpid()
+    study.release(todo[0])
+    assert not os.path.exists(path)
+
+
+def test_a_runner_waits_while_another_holds_the_last_runnable_cells(tmp_path, monkeypatch):
+    results = str(tmp_path / "results")
+    todo = study.pending(study.plan("mocov3", results), results)
+    held = {study.cell_id(c) for c in todo}  # another runner holds every runnable cell, then finishes one
+    monkeypatch.setattr(study, "claim", lambda c: study.cell_id(c) not in held)
+    polls = []
+
+    def poll(seconds):
+        polls.append(seconds)
+        held.discard(study.cell_id(todo[0]))
+
+    monkeypatch.setattr(study, "others_running", lambda method: bool(held))
+    monkeypatch.setattr(study.time, "sleep", poll)
+    ran = []
+    monkeypatch.setattr(study, "run_cell", lambda c: ran.append(study.cell_id(c)) or {"knn_acc": 0.1, "steps": 1})
+    assert study.main(["run", "--results", results, "--max-cells", "1", "--poll", "7"]) == 0
+    assert polls == [7.0] and ran == [study.cell_id(todo[0])]
