@@ -589,6 +589,9 @@ def write_plot(summary: dict, path: str) -> str | None:
                 if k in ref:
                     ax.axhline(100 * ref[k]["mean"], ls=style, color="grey", label=k.replace("_", " "))
             ax.set_xscale("log", base=2)
+            ax.set_xticks([b / TRAIN_IMAGES for b in BUDGET_IMAGES],
+                          [f"{b / TRAIN_IMAGES:.1f}\n({b // 1000}k)" for b in BUDGET_IMAGES])
+            ax.minorticks_off()
             ax.set(title=f"{method}: {'kNN' if key == 'knn' else 'linear probe'} (test)",
                    xlabel="budget (epochs-equivalent of the baseline, 60k images)", ylabel="top-1 (%)")
             ax.legend(fontsize=7)
