@@ -268,7 +268,7 @@ def claim(cell: dict) -> bool:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = _claim_owner(path)
             if owner == os.getpid():
