@@ -187,6 +187,11 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     text = open(report).read()
     assert "| mocov3 | 12 | 99 |" in text and "simclr: no finished cell; nothing is shown" in text
     assert f"mocov3 const:keep=0.5 at {B[0] / study.TRAIN_IMAGES:.1f} epochs-eq.: factor 2.0" in text
+    assert "(paper: none (a fixed-keep control" in text  # each schedule is set beside its own paper's claim
+    assert study.paper_claim("mocov3", "efficienttrain++") == \
+        "1.5-3x (EfficientTrain++, supervised; no claim for mocov3)"
+    assert study.paper_claim("supervised", "efficienttrain++") == "1.5-3x (EfficientTrain++, supervised)"
+    assert study.paper_claim("dino", "aaip-dino") == study.PAPERS["dino"]
     assert "| const:keep=0.5 | 20 (10) | 100 (90) | 0.90x |" in text  # the interleaved timing table
     assert f"| {2 * 2 ** 0.25:.2f}x [" in text  # the probe's factor, last column
     assert "## simclr" not in text  # no section for a method without cells
