@@ -100,8 +100,8 @@ PAPERS = {"mocov3": "4x (AAIP, MoCo v3)", "simclr": "3.3x (AAIP, SimCLR)", "dino
 def paper_claim(method: str, schedule: str) -> str:
     """The published factor a schedule's result compares with (each paper's own setting, ImageNet)."""
     if schedule.startswith("efficienttrain++"):
-        return "1.5-3x (EfficientTrain++, supervised" + ("" if method == "supervised" else "; no claim for "
-                                                          f"{method}") + ")"
+        return "1.5-3x (EfficientTrain++, supervised and MAE" + ("" if method == "supervised" else
+                                                                 f"; no claim for {method}") + ")"
     if schedule.startswith("const"):
         return "none (a fixed-keep control, no paper's schedule)"
     return PAPERS[method]

@@ -189,8 +189,8 @@ def test_summary_and_report_only_from_finished_cells(tmp_path):
     assert f"mocov3 const:keep=0.5 at {B[0] / study.TRAIN_IMAGES:.1f} epochs-eq.: factor 2.0" in text
     assert "(paper: none (a fixed-keep control" in text  # each schedule is set beside its own paper's claim
     assert study.paper_claim("mocov3", "efficienttrain++") == \
-        "1.5-3x (EfficientTrain++, supervised; no claim for mocov3)"
-    assert study.paper_claim("supervised", "efficienttrain++") == "1.5-3x (EfficientTrain++, supervised)"
+        "1.5-3x (EfficientTrain++, supervised and MAE; no claim for mocov3)"
+    assert study.paper_claim("supervised", "efficienttrain++") == "1.5-3x (EfficientTrain++, supervised and MAE)"
     assert study.paper_claim("dino", "aaip-dino") == study.PAPERS["dino"]
     assert "| const:keep=0.5 | 20 (10) | 100 (90) | 0.90x |" in text  # the interleaved timing table
     assert f"| {2 * 2 ** 0.25:.2f}x [" in text  # the probe's factor, last column
