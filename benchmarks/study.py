@@ -562,8 +562,8 @@ def summarize(results: str = RESULTS) -> dict:
                         v["wall_clock_saved"] = v["compute_saved"]["factor"] * ratio
                         v["wall_clock_interval"] = [f * ratio for f in v["compute_saved"]["interval"]]
                     # the same inversion on the linear probe's curve: a check that the factor is not a kNN artefact
-                    probe_curve = {v["images"]: v["probe_per_seed"] for v in base.values()
-                                   if v["images"] in base_curve and v.get("probe_per_seed")}
+                    probe_curve = {b["images"]: b["probe_per_seed"] for b in base.values()
+                                   if b["images"] in base_curve and b.get("probe_per_seed")}
                     if len(probe_curve) == len(base_curve) and v.get("probe_per_seed") and \
                             len(v["probe_per_seed"]) >= 2:
                         v["compute_saved_probe"] = compute_saved(probe_curve, v["probe_per_seed"], v["images"])
