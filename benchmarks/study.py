@@ -97,6 +97,16 @@ PAPERS = {"mocov3": "4x (AAIP, MoCo v3)", "simclr": "3.3x (AAIP, SimCLR)", "dino
           "supervised": "1.5-3x (EfficientTrain++, supervised)"}
 
 
+# what ranks a budget's tuning grid on the validation split: a supervised run by its own classifier's
+# top-1 (its training objective, and EfficientTrain++'s metric), the self-supervised methods by kNN
+TUNE_METRIC = {"supervised": "classifier_acc"}
+
+
+def tune_metric(method: str) -> str:
+    """The result key (``knn_acc`` / ``classifier_acc``) that ranks ``method``'s tune cells."""
+    return TUNE_METRIC.get(method, "knn_acc")
+
+
 def paper_claim(method: str, schedule: str) -> str:
     """The published factor a schedule's result compares with (each paper's own setting, ImageNet)."""
     if schedule.startswith("efficienttrain++"):
@@ -187,8 +197,8 @@ def tune_grid(method: str, images: int, results: str = RESULTS) -> list[tuple[in
 
 
 def tuned_hp(method: str, images: int, results: str = RESULTS) -> tuple[int, float] | None:
-    """(batch, lr) with the best validation kNN among the tune cells of this budget's grid,
-    or None while any cell of the grid is missing."""
+    """(batch, lr) with the best validation accuracy (``tune_metric``) among the tune cells of
+    this budget's grid, or None while any cell of the grid is missing."""
     grid = tune_grid(method, images, results)
     if grid is None:
         return None
@@ -197,8 +207,8 @@ def tuned_hp(method: str, images: int, results: str = RESULTS) -> tuple[int, flo
         r = load_result(tune_cell(method, images, batch, lr), results)
         if r is None:
             return None
-        if best is None or r["knn_acc"] > best[0]:
-            best = (r["knn_acc"], batch, lr)
+        if best is None or r[tune_metric(method)] > best[0]:
+            best = (r[tune_metric(method)], batch, lr)
     return best[1], best[2]
 
 
@@ -494,7 +504,8 @@ def summarize(results: str = RESULTS) -> dict:
                         ref.setdefault(key, []).append(r[key])
             elif c["kind"] == "tune":
                 entry["tune"].append({"images": c["images"], "batch": c["batch"], "lr": c["lr"],
-                                      "steps": r["steps"], "val_knn": r["knn_acc"], "val_probe": r.get("probe_acc")})
+                                      "steps": r["steps"], "val_knn": r["knn_acc"], "val_probe": r.get("probe_acc"),
+                                      "val_classifier": r.get("classifier_acc"), "val_rank": r[tune_metric(method)]})
             elif c["kind"] == "timing":
                 t = {k: r[k] for k in ("time_per_unit_ratio",) if k in r}
                 if "none" in r and c["schedule"] in r:  # predicted whole-budget training seconds and steps
@@ -509,8 +520,8 @@ def summarize(results: str = RESULTS) -> dict:
         # the best finished tune cell)
         best: dict = {}
         for t in entry["tune"]:
-            if t["images"] not in best or t["val_knn"] > best[t["images"]][0]:
-                best[t["images"]] = (t["val_knn"], t["batch"], t["lr"])
+            if t["images"] not in best or t["val_rank"] > best[t["images"]][0]:
+                best[t["images"]] = (t["val_rank"], t["batch"], t["lr"])
         for images in best:
             hp = tuned_hp(method, images, results)
             if hp is not None:
@@ -539,7 +550,10 @@ def summarize(results: str = RESULTS) -> dict:
                               if any("classifier_acc" in r for r in rs) else None,
                               "knn_per_seed": [r["knn_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])],
                               "probe_per_seed": [r["probe_acc"] for r in sorted(rs, key=lambda r: r["cell"]["seed"])]
-                              if all("probe_acc" in r for r in rs) else None}
+                              if all("probe_acc" in r for r in rs) else None,
+                              "classifier_per_seed": [r["classifier_acc"] for r in
+                                                      sorted(rs, key=lambda r: r["cell"]["seed"])]
+                              if all("classifier_acc" in r for r in rs) else None}
                 for images, rs in sorted(cells.items())}
         aaip = [r for r in finals if r["cell"]["schedule"] == f"aaip-{method}" and "schedule_stages" in r]
         if aaip:
@@ -561,12 +575,13 @@ def summarize(results: str = RESULTS) -> dict:
                     if ratio is not None:  # the step-time ratio of the timing cell (a point value, no interval)
                         v["wall_clock_saved"] = v["compute_saved"]["factor"] * ratio
                         v["wall_clock_interval"] = [f * ratio for f in v["compute_saved"]["interval"]]
-                    # the same inversion on the linear probe's curve: a check that the factor is not a kNN artefact
-                    probe_curve = {b["images"]: b["probe_per_seed"] for b in base.values()
-                                   if b["images"] in base_curve and b.get("probe_per_seed")}
-                    if len(probe_curve) == len(base_curve) and v.get("probe_per_seed") and \
-                            len(v["probe_per_seed"]) >= 2:
-                        v["compute_saved_probe"] = compute_saved(probe_curve, v["probe_per_seed"], v["images"])
+                    # the same inversion on the linear probe's curve (a check that the factor is not a kNN
+                    # artefact) and, for a supervised run, on its classifier's top-1 (EfficientTrain++'s metric)
+                    for key in ("probe", "classifier"):
+                        curve = {b["images"]: b[f"{key}_per_seed"] for b in base.values()
+                                 if b["images"] in base_curve and b.get(f"{key}_per_seed")}
+                        if len(curve) == len(base_curve) and len(v.get(f"{key}_per_seed") or []) >= 2:
+                            v[f"compute_saved_{key}"] = compute_saved(curve, v[f"{key}_per_seed"], v["images"])
                 else:
                     v["compute_saved"] = None  # needs >= 2 baseline budgets and >= 2 seeds
         summary["methods"][method] = entry
@@ -660,11 +675,12 @@ def _shown(summary: dict) -> list[str]:
                 continue
             verdict = ("saves compute" if cs["interval"][0] > 1 else "costs compute" if cs["interval"][1] < 1
                        else "is not distinguishable from the baseline")
-            probe = v.get("compute_saved_probe")
+            probe, top1 = v.get("compute_saved_probe"), v.get("compute_saved_classifier")
             out.append(f"{where}: factor {cs['factor']:.2f}x, 90% bootstrap interval {_interval_text(cs)} over "
                        f"{v['knn']['n']} seeds ({100 * cs['censored_fraction']:.0f}% of the draws censored): it "
                        f"{verdict} at this scale (paper: {paper_claim(method, schedule)})"
-                       + (f"; by the linear probe {_factor_text(probe)}." if probe else "."))
+                       + (f"; by the linear probe {_factor_text(probe)}" if probe else "")
+                       + (f"; by the classifier's top-1 {_factor_text(top1)}" if top1 else "") + ".")
         if not factors:
             out.append(f"{method}: no compute-saved factor yet (it needs the baseline at >= 2 budgets and the "
                        f"compressed schedule, >= 2 seeds each, on the test split); no saving is claimed.")
@@ -769,7 +785,8 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
          "was dropped before it ran, for its ~14 CPU-hours: a compressed schedule that beats the largest "
          "baseline budget gets a lower bound, not a point estimate).  "
          "Hyper-parameters (batch size 128 / 64 / 32 x LR) are chosen per budget on a 5k validation split carved "
-         "from the training set (the whole grid at 192k; at the other budgets the cross through the 192k winner, "
+         "from the training set, by the validation kNN (supervised: by its classifier's top-1) "
+         "(the whole grid at 192k; at the other budgets the cross through the 192k winner, "
          "5 of the 9 cells, minus points with fewer than 1500 optimizer steps); the test split is only used by "
          "the final cells.  kNN: k=20, T=0.07, cosine, on the "
          "CLS feature; linear probe: L-BFGS logistic regression on standardised frozen features.", "",
@@ -801,21 +818,28 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                          f"{_pct(ref.get('pixels_probe'))} | {_pct(ref.get('random_init_probe'))} |")
             L.append("")
         if entry["tune"]:
-            L += ["Tuning of the baseline (validation split, seed 0):", "",
-                  "| budget (images) | batch | --lr (per 256, sqrt rule) | steps | val kNN | val probe |",
-                  "|---|---|---|---|---|---|"]
+            has_top1 = any(t.get("val_classifier") is not None for t in entry["tune"])
+            ranked = "classifier top-1" if tune_metric(method) == "classifier_acc" else "kNN"
+            L += [f"Tuning of the baseline (validation split, seed 0; each budget's winner: the best val {ranked}):",
+                  "", "| budget (images) | batch | --lr (per 256, sqrt rule) | steps | val kNN | val probe |"
+                  + (" val classifier top-1 |" if has_top1 else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if has_top1 else "")]
             for t in sorted(entry["tune"], key=lambda t: (t["images"], t["batch"], t["lr"])):
                 probe = f"{100 * t['val_probe']:.2f}" if t.get("val_probe") is not None else "-"
+                top1 = (f" {100 * t['val_classifier']:.2f} |" if t.get("val_classifier") is not None else " - |") \
+                    if has_top1 else ""
                 L.append(f"| {t['images'] // 1000}k | {t['batch']} | {t['lr']:g} | {t['steps']} | "
-                         f"{100 * t['val_knn']:.2f} | {probe} |")
+                         f"{100 * t['val_knn']:.2f} | {probe} |{top1}")
             L.append("")
         if entry["schedules"]:
             top1 = any(v.get("classifier") for per in entry["schedules"].values() for v in per.values())
             L += ["Final cells (test split):", "",
                   "| schedule | budget (epochs-eq.) | batch | lr | steps | kNN % (mean ± std over seeds) | "
                   "probe % | " + ("classifier top-1 % | " if top1 else "")
-                  + "compute saved (kNN) [90% bootstrap] | wall-clock saved | compute saved (probe) |",
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if top1 else "") + "---|---|"]
+                  + "compute saved (kNN) [90% bootstrap] | wall-clock saved | compute saved (probe) |"
+                  + (" compute saved (classifier top-1) |" if top1 else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if top1 else "") + "---|---|"
+                  + ("---|" if top1 else "")]
             for schedule, per_budget in entry["schedules"].items():
                 for v in per_budget.values():
                     cs = v.get("compute_saved")
@@ -835,7 +859,8 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                     cls = f"{_pct(v.get('classifier'))} | " if top1 else ""
                     L.append(f"| {schedule} | {v['epochs_equivalent']:.1f} | {v['batch']} | {v['lr']:g} | "
                              f"{'/'.join(map(str, v['steps']))} | {_pct(v['knn'])} | {_pct(v['probe'])} | "
-                             f"{cls}{saved} | {wall} | {_factor_text(v.get('compute_saved_probe'))} |")
+                             f"{cls}{saved} | {wall} | {_factor_text(v.get('compute_saved_probe'))} |"
+                             + (f" {_factor_text(v.get('compute_saved_classifier'))} |" if top1 else ""))
             curve = entry.get("baseline_curve_budgets", [])
             L += ["", "Compute saved: the baseline budget whose kNN the schedule's mean kNN matches (linear in "
                   "log2 budget on the baseline's mean curve, flattened to the best so far) / the schedule's "
@@ -847,8 +872,10 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                   "distinct resamples and under-covers: read it as the seeds' spread carried through the "
                   "inversion, not as a calibrated 90% confidence interval.  Wall-clock saved = compute saved x "
                   "the step-time ratio of the timing table below (one interleaved measurement, no interval of "
-                  "its own).  The last column inverts the linear probe's curve the same way: a check that the "
-                  "factor is not an artefact of the kNN.", ""]
+                  "its own).  'compute saved (probe)' inverts the linear probe's curve the same way: a check that "
+                  "the factor is not an artefact of the kNN"
+                  + ("; 'compute saved (classifier top-1)' inverts the curve of the trained classifier's own "
+                     "top-1, the metric EfficientTrain++ reports." if top1 else "."), ""]
         if entry.get("superseded_finals"):
             L += [f"Superseded final cells (run at a batch size / LR that a later tune cell beat; not counted): "
                   f"{', '.join(f'`{c}`' for c in entry['superseded_finals'])}.", ""]

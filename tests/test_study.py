@@ -293,6 +293,41 @@ def test_supervised_finals_show_the_classifiers_top1_beside_the_knn(tmp_path):
     assert "classifier top-1 % |" in text and "| 83.00 ± 2.83 (n=2) |" in text
 
 
+def test_supervised_tuning_ranks_by_the_classifier_and_its_factor_inverts_the_classifier_curve(tmp_path):
+    results = str(tmp_path / "results")
+    anchor = study.ANCHOR_IMAGES
+    for batch in study.GRID_BATCH:  # kNN favours (128, 1e-3), the classifier (32, 4e-3)
+        for lr in study.GRID_LR:
+            knn = 0.9 if (batch, lr) == (128, 1e-3) else 0.6
+            top1 = 0.95 if (batch, lr) == (32, 4e-3) else 0.7
+            study.write_result(study.tune_cell("supervised", anchor, batch, lr),
+                               {"knn_acc": knn, "classifier_acc": top1, "steps": 1}, results)
+            study.write_result(study.tune_cell("mocov3", anchor, batch, lr), {"knn_acc": knn, "steps": 1}, results)
+    assert study.tuned_hp("supervised", anchor, results) == (32, 4e-3)
+    assert study.tuned_hp("mocov3", anchor, results) == (128, 1e-3)  # self-supervised: still by kNN
+    small, large = study.BUDGET_IMAGES[0], study.BUDGET_IMAGES[-1]
+    for seed in study.SEEDS:  # the baseline: top-1 0.80 at the smallest budget, 0.88 at the largest (4x)
+        for images, knn, top1 in ((small, 0.70, 0.80), (large, 0.78, 0.88)):
+            study.write_result({"kind": "final", "method": "supervised", "schedule": "none", "images": images,
+                                "batch": 32, "lr": 4e-3, "seed": seed, "split": "test"},
+                               {"knn_acc": knn + 0.001 * seed, "classifier_acc": top1 + 0.001 * seed, "steps": 9},
+                               results)
+        study.write_result({"kind": "final", "method": "supervised", "schedule": "efficienttrain++",
+                            "images": small, "batch": 32, "lr": 4e-3, "seed": seed, "split": "test"},
+                           {"knn_acc": 0.74 + 0.001 * seed, "classifier_acc": 0.86 + 0.001 * seed, "steps": 9},
+                           results)
+    summary = study.summarize(results)
+    v = summary["methods"]["supervised"]["schedules"]["efficienttrain++"][str(small)]
+    # kNN 0.741 sits half-way between 0.701 and 0.781 (2x in log budget); top-1 0.861 three quarters (2 ** 1.5)
+    assert v["compute_saved"]["factor"] == pytest.approx(2.0, rel=1e-6)
+    assert v["compute_saved_classifier"]["factor"] == pytest.approx(2 ** 1.5, rel=1e-6)
+    report = str(tmp_path / "results.md")
+    study.write_report(summary, {"supervised": (30, 44)}, report)
+    text = open(report).read()
+    assert "the best val classifier top-1" in text and "compute saved (classifier top-1) |" in text
+    assert "by the classifier's top-1 2.83x" in text
+
+
 def test_interleaved_timing_alternates_runs_and_counts_the_planned_steps(tmp_path):
     from effkern.train.config import TrainConfig
     from effkern.train.loop import Run
