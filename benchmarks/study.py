@@ -18,10 +18,14 @@ Design (one cell = one ``effkern train`` run directory + one JSON in ``RESULTS``
   every LR + its LR at every batch size: 5 of the 9 cells), which saves ~3 CPU-hours per
   large budget.  Batch 32 joined the grid after batch 64 won at 192k on the grid's edge
   (a compressed schedule takes more, smaller steps: a baseline held to too large a batch
-  would look worse than it is).  An explicit ``run --only ID`` also runs a tune cell whose
+  would look worse than it is).  That rule is now automatic: once a budget's grid is
+  finished, a winner on the edge of its row (LR) or column (batch size) adds the next point
+  past that edge (LR x2 / /2, batch x2 / /2; ``MAX_EDGE_STEPS`` = 2 at most), and the final
+  cells wait for it.  An explicit ``run --only ID`` also runs a tune cell whose
   budget's cross is not known yet (its batch size and LR are in its ID).  Grid points that
   give the baseline fewer than ``MIN_STEPS`` = 1500 optimizer steps are left out (at 96k:
-  batch 128).  The best validation kNN picks each budget's batch size and LR.  The test
+  batch 128).  The best validation kNN (supervised: its classifier's top-1) picks each
+  budget's batch size and LR.  The test
   split is never looked at.
 * ``final`` cells: the baseline at every budget, the compressed schedules at the two smaller
   budgets (96k, 192k: chosen so that their accuracy can fall inside the baseline's 96k-384k
@@ -82,6 +86,7 @@ BUDGET_IMAGES = (96_000, 192_000, 384_000)
 ANCHOR_IMAGES = 192_000                         # tuned on the whole grid (and run first); the others tune its cross
 COMPRESSED_BUDGETS = (96_000, 192_000)          # the compressed schedules run at the smaller budgets
 MIN_STEPS = 1500                                # grid points giving the baseline fewer optimizer steps are left out
+MAX_EDGE_STEPS = 2                              # a winner on a grid edge extends the grid past it, at most this often
 GRID_BATCH = (128, 64, 32)                      # 32: the 192k winner sat on the grid's small-batch edge
 GRID_LR = (2e-3, 1e-3, 4e-3)                    # --lr per 256 images, sqrt rule (peak 1.4e-3 at 128 for 2e-3)
 SEEDS = (0, 1, 2)
@@ -186,22 +191,30 @@ def tune_grid(method: str, images: int, results: str = RESULTS) -> list[tuple[in
     """The (batch, lr) pairs tuned at budget ``images``: the whole grid at ``ANCHOR_IMAGES``;
     at any other budget the cross through the anchor's winner (that batch size at every LR,
     that LR at every batch size); None while the anchor is not tuned yet.  Pairs that give
-    the baseline fewer than ``MIN_STEPS`` optimizer steps are left out."""
-    grid = [(b, lr) for b in GRID_BATCH for lr in GRID_LR]
-    if images != ANCHOR_IMAGES:
+    the baseline fewer than ``MIN_STEPS`` optimizer steps are left out.  Once the grid is
+    finished, a winner on an edge of its row (LR) or column (batch size) adds the next point
+    past that edge (LR x2 or /2, batch x2 or /2), up to ``MAX_EDGE_STEPS`` times."""
+    if images == ANCHOR_IMAGES:
+        grid = [(b, lr) for b in GRID_BATCH for lr in GRID_LR]
+    else:
         anchor = tuned_hp(method, ANCHOR_IMAGES, results)
         if anchor is None:
             return None
-        grid = [(b, lr) for b, lr in grid if b == anchor[0] or lr == anchor[1]]
-    return [(b, lr) for b, lr in grid if images // b >= MIN_STEPS]
+        batch, lr = anchor  # may lie off the base grid (an edge step of the anchor)
+        grid = list(dict.fromkeys([(batch, x) for x in sorted({*GRID_LR, lr})]
+                                  + [(b, lr) for b in sorted({*GRID_BATCH, batch}, reverse=True)]))
+    grid = [(b, lr) for b, lr in grid if images // b >= MIN_STEPS]
+    for _ in range(MAX_EDGE_STEPS):
+        winner = _grid_winner(method, images, grid, results)
+        step = _edge_steps(grid, winner, images) if winner else []
+        if not step:
+            break
+        grid += step
+    return grid
 
 
-def tuned_hp(method: str, images: int, results: str = RESULTS) -> tuple[int, float] | None:
-    """(batch, lr) with the best validation accuracy (``tune_metric``) among the tune cells of
-    this budget's grid, or None while any cell of the grid is missing."""
-    grid = tune_grid(method, images, results)
-    if grid is None:
-        return None
+def _grid_winner(method: str, images: int, grid: list, results: str) -> tuple[int, float] | None:
+    """(batch, lr) of the best validation accuracy (``tune_metric``) over ``grid``; None while a cell is missing."""
     best = None
     for batch, lr in grid:
         r = load_result(tune_cell(method, images, batch, lr), results)
@@ -210,6 +223,27 @@ def tuned_hp(method: str, images: int, results: str = RESULTS) -> tuple[int, flo
         if best is None or r[tune_metric(method)] > best[0]:
             best = (r[tune_metric(method)], batch, lr)
     return best[1], best[2]
+
+
+def _edge_steps(grid: list, winner: tuple[int, float], images: int) -> list[tuple[int, float]]:
+    """The points one step past the edges ``winner`` sits on: along its row (the LRs tried at its batch
+    size) and its column (the batch sizes tried at its LR), each with >= 2 points."""
+    batch, lr = winner
+    lrs = sorted(x for b, x in grid if b == batch)
+    batches = sorted(b for b, x in grid if x == lr)
+    out = []
+    if len(lrs) >= 2 and lr in (lrs[0], lrs[-1]):
+        out.append((batch, lr * 2 if lr == lrs[-1] else lr / 2))
+    if len(batches) >= 2 and batch in (batches[0], batches[-1]):
+        out.append((batch // 2 if batch == batches[0] else batch * 2, lr))
+    return [(b, x) for b, x in out if (b, x) not in grid and b >= 1 and images // b >= MIN_STEPS]
+
+
+def tuned_hp(method: str, images: int, results: str = RESULTS) -> tuple[int, float] | None:
+    """(batch, lr) with the best validation accuracy (``tune_metric``) among the tune cells of
+    this budget's grid (edge steps included), or None while any cell of the grid is missing."""
+    grid = tune_grid(method, images, results)
+    return None if grid is None else _grid_winner(method, images, grid, results)
 
 
 def tune_cell(method: str, images: int, batch: int, lr: float) -> dict:
@@ -784,11 +818,12 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
          f"({', '.join(f'{b / TRAIN_IMAGES:.1f}' for b in BUDGET_IMAGES)} epochs-equivalent; a 768k budget "
          "was dropped before it ran, for its ~14 CPU-hours: a compressed schedule that beats the largest "
          "baseline budget gets a lower bound, not a point estimate).  "
-         "Hyper-parameters (batch size 128 / 64 / 32 x LR) are chosen per budget on a 5k validation split carved "
-         "from the training set, by the validation kNN (supervised: by its classifier's top-1) "
-         "(the whole grid at 192k; at the other budgets the cross through the 192k winner, "
-         "5 of the 9 cells, minus points with fewer than 1500 optimizer steps); the test split is only used by "
-         "the final cells.  kNN: k=20, T=0.07, cosine, on the "
+         "Hyper-parameters (batch size 128 / 64 / 32 x LR 1e-3 / 2e-3 / 4e-3 per 256 images) are chosen per "
+         "budget on a 5k validation split carved from the training set, by the validation kNN (supervised: by "
+         "its classifier's top-1): the whole grid at 192k; at the other budgets the cross through the 192k "
+         "winner, 5 of the 9 cells, minus points with fewer than 1500 optimizer steps; a winner on the edge of "
+         "its row or column adds the next point past it (LR or batch x2 / /2, twice at most).  The test split "
+         "is only used by the final cells.  kNN: k=20, T=0.07, cosine, on the "
          "CLS feature; linear probe: L-BFGS logistic regression on standardised frozen features.", "",
          "**Scale.** The papers' claims (ImageNet, ViT-B, 100-300 epochs: AAIP 4x / 3.3x / 2.5x less compute "
          "for MoCo v3 / SimCLR / DINO; EfficientTrain++ 1.5-3x) are about a scale this study does not reach. "

@@ -21,7 +21,7 @@ def _private_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "RUNS", str(tmp_path / "runs"))
 
 
-def _finish_tuning(results, method, images, best=(64, 4e-3)):
+def _finish_tuning(results, method, images, best=(64, 2e-3)):
     for batch in study.GRID_BATCH:
         for lr in study.GRID_LR:
             acc = 0.8 if (batch, lr) == best else 0.5 + 0.01 * study.GRID_LR.index(lr)
@@ -54,10 +54,10 @@ def test_final_cells_wait_for_tuning_and_take_the_best_validation_hps(tmp_path):
     blocked = [c for c in study.plan("mocov3", results) if c["kind"] == "final" and c["images"] == first]
     assert blocked and all(c.get("blocked") == "tuning" for c in blocked)
     assert study.pending(blocked, results) == []
-    _finish_tuning(results, "mocov3", first, best=(64, 4e-3))
-    assert study.tuned_hp("mocov3", first, results) == (64, 4e-3)
+    _finish_tuning(results, "mocov3", first, best=(64, 2e-3))
+    assert study.tuned_hp("mocov3", first, results) == (64, 2e-3)
     finals = [c for c in study.plan("mocov3", results) if c["kind"] == "final" and c["images"] == first]
-    assert all("blocked" not in c and (c["batch"], c["lr"]) == (64, 4e-3) and c["split"] == "test" for c in finals)
+    assert all("blocked" not in c and (c["batch"], c["lr"]) == (64, 2e-3) and c["split"] == "test" for c in finals)
     assert {c["schedule"] for c in finals} == set(study.schedules_for("mocov3"))
     assert {c["seed"] for c in finals} == set(study.SEEDS)
     # the other budgets stay blocked (their tuning has not run); tuning never uses the test split
@@ -75,25 +75,56 @@ def test_other_budgets_tune_the_cross_through_the_anchor_budgets_winner(tmp_path
     tunes = [c for c in study.plan("mocov3", results) if c["kind"] == "tune" and c["images"] == second]
     assert len(tunes) == len(study.GRID_BATCH) * len(study.GRID_LR)
     assert all(c.get("blocked") == "tuning" for c in tunes)  # the cross is not known yet
-    _finish_tuning(results, "mocov3", first, best=(64, 4e-3))
+    _finish_tuning(results, "mocov3", first, best=(64, 2e-3))
     tunes = [c for c in study.plan("mocov3", results) if c["kind"] == "tune" and c["images"] == second]
     assert all("blocked" not in c for c in tunes)
     cross = {(c["batch"], c["lr"]) for c in tunes}
-    assert cross == {(64, lr) for lr in study.GRID_LR} | {(b, 4e-3) for b in study.GRID_BATCH}
+    assert cross == {(64, lr) for lr in study.GRID_LR} | {(b, 2e-3) for b in study.GRID_BATCH}
     assert len(cross) == len(study.GRID_LR) + len(study.GRID_BATCH) - 1
     # the winner among the cross only: an off-cross cell, however good, is not a candidate
     for batch, lr in cross:
-        acc = 0.9 if (batch, lr) == (128, 4e-3) else 0.6
+        acc = 0.9 if (batch, lr) == (64, 2e-3) else 0.6
         study.write_result(study.tune_cell("mocov3", second, batch, lr), {"knn_acc": acc, "steps": 1}, results)
     study.write_result(study.tune_cell("mocov3", second, 128, 1e-3), {"knn_acc": 0.99, "steps": 1}, results)
-    assert study.tuned_hp("mocov3", second, results) == (128, 4e-3)
+    assert study.tuned_hp("mocov3", second, results) == (64, 2e-3)
     # a budget too small for batch 128 to take MIN_STEPS steps tunes batch 64 only
     small = min(study.BUDGET_IMAGES)
     assert small // 128 < study.MIN_STEPS <= small // 64
     assert {(c["batch"], c["lr"]) for c in study.plan("mocov3", results)
-            if c["kind"] == "tune" and c["images"] == small} == {(64, lr) for lr in study.GRID_LR} | {(32, 4e-3)}
+            if c["kind"] == "tune" and c["images"] == small} == {(64, lr) for lr in study.GRID_LR} | {(32, 2e-3)}
     # the anchor is planned (and so run) first
     assert next(c for c in study.plan("mocov3", results) if c["kind"] == "tune")["images"] == first
+
+
+def test_a_winner_on_the_grids_edge_extends_the_grid_past_it_before_the_finals_run(tmp_path):
+    results = str(tmp_path)
+    anchor = study.ANCHOR_IMAGES
+    _finish_tuning(results, "mocov3", anchor, best=(64, 4e-3))  # the largest LR of its row
+    tunes = lambda: {(c["batch"], c["lr"]) for c in study.plan("mocov3", results)  # noqa: E731
+                     if c["kind"] == "tune" and c["images"] == anchor}
+    assert tunes() == {(b, lr) for b in study.GRID_BATCH for lr in study.GRID_LR} | {(64, 8e-3)}
+    assert study.tuned_hp("mocov3", anchor, results) is None  # the finals wait for the edge step
+    assert all(c.get("blocked") for c in study.plan("mocov3", results) if c["kind"] == "final"
+               and c["images"] == anchor)
+    # the step wins on the new edge (its column holds one batch size: no batch step): the row steps once more
+    study.write_result(study.tune_cell("mocov3", anchor, 64, 8e-3), {"knn_acc": 0.85, "steps": 1}, results)
+    assert tunes() - {(b, lr) for b in study.GRID_BATCH for lr in study.GRID_LR} == {(64, 8e-3), (64, 1.6e-2)}
+    study.write_result(study.tune_cell("mocov3", anchor, 64, 1.6e-2), {"knn_acc": 0.86, "steps": 1}, results)
+    # (64, 1.6e-2) sits on the edge again, but MAX_EDGE_STEPS = 2 steps were taken: the grid stops there
+    assert study.MAX_EDGE_STEPS == 2 and study.tuned_hp("mocov3", anchor, results) == (64, 1.6e-2)
+    assert len(tunes()) == 9 + 2
+    # the other budgets cross through the off-grid winner: its batch at every LR, its LR at every batch
+    cross = {(c["batch"], c["lr"]) for c in study.plan("mocov3", results)
+             if c["kind"] == "tune" and c["images"] == max(study.BUDGET_IMAGES)}
+    assert cross == {(64, lr) for lr in (*study.GRID_LR, 1.6e-2)} | {(b, 1.6e-2) for b in study.GRID_BATCH}
+    # the batch axis: the smallest batch of its column halves; a doubled batch with too few steps is not taken
+    full = [(b, lr) for b in study.GRID_BATCH for lr in study.GRID_LR]
+    assert study._edge_steps(full, (32, 2e-3), anchor) == [(16, 2e-3)]
+    assert anchor // 256 < study.MIN_STEPS and study._edge_steps(full, (128, 2e-3), anchor) == []
+    # a winner inside its row and column adds nothing; batch steps that leave too few steps are not taken
+    small = min(study.BUDGET_IMAGES)
+    assert study._edge_steps([(64, 1e-3), (64, 2e-3), (64, 4e-3), (32, 2e-3)], (64, 2e-3), small) == []
+    assert small // 128 < study.MIN_STEPS
 
 
 def test_finals_at_hps_a_later_tune_cell_beat_are_superseded(tmp_path):
@@ -296,15 +327,14 @@ def test_supervised_finals_show_the_classifiers_top1_beside_the_knn(tmp_path):
 def test_supervised_tuning_ranks_by_the_classifier_and_its_factor_inverts_the_classifier_curve(tmp_path):
     results = str(tmp_path / "results")
     anchor = study.ANCHOR_IMAGES
-    for batch in study.GRID_BATCH:  # kNN favours (128, 1e-3), the classifier (32, 4e-3)
-        for lr in study.GRID_LR:
-            knn = 0.9 if (batch, lr) == (128, 1e-3) else 0.6
-            top1 = 0.95 if (batch, lr) == (32, 4e-3) else 0.7
-            study.write_result(study.tune_cell("supervised", anchor, batch, lr),
-                               {"knn_acc": knn, "classifier_acc": top1, "steps": 1}, results)
-            study.write_result(study.tune_cell("mocov3", anchor, batch, lr), {"knn_acc": knn, "steps": 1}, results)
-    assert study.tuned_hp("supervised", anchor, results) == (32, 4e-3)
-    assert study.tuned_hp("mocov3", anchor, results) == (128, 1e-3)  # self-supervised: still by kNN
+    for batch, lr in [(b, lr) for b in study.GRID_BATCH for lr in study.GRID_LR] + [(16, 4e-3), (32, 8e-3)]:
+        knn = 0.9 if (batch, lr) == (64, 2e-3) else 0.6  # kNN favours the centre, the classifier a corner
+        top1 = 0.95 if (batch, lr) == (32, 4e-3) else 0.7
+        study.write_result(study.tune_cell("supervised", anchor, batch, lr),
+                           {"knn_acc": knn, "classifier_acc": top1, "steps": 1}, results)
+        study.write_result(study.tune_cell("mocov3", anchor, batch, lr), {"knn_acc": knn, "steps": 1}, results)
+    assert study.tuned_hp("supervised", anchor, results) == (32, 4e-3)  # its two edge steps lost
+    assert study.tuned_hp("mocov3", anchor, results) == (64, 2e-3)  # self-supervised: still by kNN
     small, large = study.BUDGET_IMAGES[0], study.BUDGET_IMAGES[-1]
     for seed in study.SEEDS:  # the baseline: top-1 0.80 at the smallest budget, 0.88 at the largest (4x)
         for images, knn, top1 in ((small, 0.70, 0.80), (large, 0.78, 0.88)):
