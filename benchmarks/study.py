@@ -539,7 +539,7 @@ def summarize(results: str = RESULTS) -> dict:
             elif c["kind"] == "tune":
                 entry["tune"].append({"images": c["images"], "batch": c["batch"], "lr": c["lr"],
                                       "steps": r["steps"], "val_knn": r["knn_acc"], "val_probe": r.get("probe_acc"),
-                                      "val_classifier": r.get("classifier_acc"), "val_rank": r[tune_metric(method)]})
+                                      "val_classifier": r.get("classifier_acc")})
             elif c["kind"] == "timing":
                 t = {k: r[k] for k in ("time_per_unit_ratio",) if k in r}
                 if "none" in r and c["schedule"] in r:  # predicted whole-budget training seconds and steps
@@ -553,9 +553,10 @@ def summarize(results: str = RESULTS) -> dict:
         # (the winner of the budget's grid, as the final cells were given it; while a grid is incomplete,
         # the best finished tune cell)
         best: dict = {}
+        rank = {"knn_acc": "val_knn", "classifier_acc": "val_classifier"}[tune_metric(method)]
         for t in entry["tune"]:
-            if t["images"] not in best or t["val_rank"] > best[t["images"]][0]:
-                best[t["images"]] = (t["val_rank"], t["batch"], t["lr"])
+            if t["images"] not in best or t[rank] > best[t["images"]][0]:
+                best[t["images"]] = (t[rank], t["batch"], t["lr"])
         for images in best:
             hp = tuned_hp(method, images, results)
             if hp is not None:
@@ -818,11 +819,13 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
          f"({', '.join(f'{b / TRAIN_IMAGES:.1f}' for b in BUDGET_IMAGES)} epochs-equivalent; a 768k budget "
          "was dropped before it ran, for its ~14 CPU-hours: a compressed schedule that beats the largest "
          "baseline budget gets a lower bound, not a point estimate).  "
-         "Hyper-parameters (batch size 128 / 64 / 32 x LR 1e-3 / 2e-3 / 4e-3 per 256 images) are chosen per "
+         f"Hyper-parameters (batch size {' / '.join(map(str, GRID_BATCH))} x LR "
+         f"{' / '.join(f'{lr:g}' for lr in sorted(GRID_LR))} per 256 images) are chosen per "
          "budget on a 5k validation split carved from the training set, by the validation kNN (supervised: by "
          "its classifier's top-1): the whole grid at 192k; at the other budgets the cross through the 192k "
          "winner, 5 of the 9 cells, minus points with fewer than 1500 optimizer steps; a winner on the edge of "
-         "its row or column adds the next point past it (LR or batch x2 / /2, twice at most).  The test split "
+         f"its row or column adds the next point past it (LR or batch x2 / /2, {MAX_EDGE_STEPS} times at most).  "
+         "The test split "
          "is only used by the final cells.  kNN: k=20, T=0.07, cosine, on the "
          "CLS feature; linear probe: L-BFGS logistic regression on standardised frozen features.", "",
          "**Scale.** The papers' claims (ImageNet, ViT-B, 100-300 epochs: AAIP 4x / 3.3x / 2.5x less compute "
