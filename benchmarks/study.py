@@ -1,7 +1,7 @@
 """The small-scale study: how much compute do the schedules save at equal accuracy?
 
     python benchmarks/study.py plan    [--method mocov3]           # every cell and its status
-    python benchmarks/study.py run     [--method mocov3] [--stage tune] [--max-cells N] [--only ID]
+    python benchmarks/study.py run     [--method mocov3 ...] [--stage tune] [--max-cells N] [--only ID]
     python benchmarks/study.py summarize                            # summary.json, PNG, docs/results.md
 
 Design (one cell = one ``effkern train`` run directory + one JSON in ``RESULTS``):
@@ -843,8 +843,10 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
           "`nice -n 15 python benchmarks/study.py run --method mocov3 --threads 1` runs the next cells in order "
           "(finished cells are skipped, an interrupted training cell resumes from its last checkpoint in "
           "`runs/study/`).  On a machine with N cores, start N such runners: each claims a cell before it "
-          "runs it (`runs/study/.claims/`), so no two train the same cell, and a runner whose remaining cells "
-          "wait for another's results polls until they are unblocked.  Commit the new JSONs in "
+          "runs it (`runs/study/.claims/`), so no two train the same cell.  Several methods (`--method "
+          "supervised mocov3`) are a priority order: a runner whose first method's remaining cells wait for "
+          "another runner's results takes the next method's cell meanwhile, and polls only when no listed "
+          "method has a runnable cell.  Commit the new JSONs in "
           "`benchmarks/results/study/` and regenerate this page with `python benchmarks/study.py summarize`.", ""]
     for method, entry in summary["methods"].items():
         L += [f"## {method}", ""]
@@ -942,11 +944,23 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
         f.write("\n".join(L))
 
 
+def _runnable(method: str, args) -> list[dict]:
+    """``method``'s cells that can run now, in plan order, restricted to ``args.stage`` and ``args.only``."""
+    todo = [c for c in pending(plan(method, args.results), args.results) if c["kind"] in args.stage
+            and (args.only is None or cell_id(c) == args.only)]
+    if not todo and args.only is not None:  # a tune cell named explicitly: its HPs are in its id
+        todo = [c for c in plan(method, args.results) if c["kind"] == "tune" and c["kind"] in args.stage
+                and cell_id(c) == args.only and load_result(c, args.results) is None]
+    return todo
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("cmd", choices=("plan", "run", "summarize"))
-    p.add_argument("--method", nargs="+", default=["mocov3"], choices=METHODS)
+    p.add_argument("--method", nargs="+", default=["mocov3"], choices=METHODS,
+                   help="methods in priority order: a runner takes the first one's next runnable cell, else the "
+                   "next method's")
     p.add_argument("--stage", nargs="+", default=["reference", "tune", "final", "timing"],
                    choices=("reference", "tune", "final", "timing"))
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many cells")
@@ -975,39 +989,36 @@ def main(argv=None) -> int:
         write_report(summary, totals, REPORT)
         print(f"wrote {args.results}/summary.json and {REPORT}")
         return 0
-    ran = 0
-    for method in args.method:
-        if args.cmd == "plan":
+    if args.cmd == "plan":
+        for method in args.method:
             for c in (c for c in plan(method, args.results) if c["kind"] in args.stage):
                 status = "done" if load_result(c, args.results) else ("blocked" if "blocked" in c else "todo")
                 print(f"{status:8s} {cell_id(c)}")
-            continue
-        while args.max_cells is None or ran < args.max_cells:
-            # re-planned after every cell: a finished tuning grid unblocks its final cells
-            todo = [c for c in pending(plan(method, args.results), args.results) if c["kind"] in args.stage
-                    and (args.only is None or cell_id(c) == args.only)]
-            if not todo and args.only is not None:  # a tune cell named explicitly: its HPs are in its id
-                todo = [c for c in plan(method, args.results) if c["kind"] == "tune" and c["kind"] in args.stage
-                        and cell_id(c) == args.only and load_result(c, args.results) is None]
-            cell = next((c for c in todo if claim(c)), None)
-            if cell is None:
-                if args.only is None and others_running(method):
-                    # the other runners' cells are running, or their results will unblock final cells
-                    time.sleep(args.poll)
-                    continue
-                break
-            try:
-                if load_result(cell, args.results) is not None:  # finished by another runner meanwhile
-                    continue
-                print(f"== {cell_id(cell)}  ({time.strftime('%H:%M:%S')})", flush=True)
-                t0 = time.time()
-                result = run_cell(cell)
-                result.setdefault("process_wall_s", time.time() - t0)
-                result["threads"] = _threads()
-                print(f"   -> {write_result(cell, result, args.results)}", flush=True)
-                ran += 1
-            finally:
-                release(cell)
+        return 0
+    ran = 0
+    while args.max_cells is None or ran < args.max_cells:
+        # the methods are a priority order: the first one's next runnable cell, else the next
+        # method's (a core is never left idle while another runner finishes the cell that
+        # unblocks the first method's finals); re-planned after every cell
+        cell = next((c for method in args.method for c in _runnable(method, args) if claim(c)), None)
+        if cell is None:
+            if args.only is None and any(others_running(m) for m in args.method):
+                # the other runners' cells are running, or their results will unblock final cells
+                time.sleep(args.poll)
+                continue
+            break
+        try:
+            if load_result(cell, args.results) is not None:  # finished by another runner meanwhile
+                continue
+            print(f"== {cell_id(cell)}  ({time.strftime('%H:%M:%S')})", flush=True)
+            t0 = time.time()
+            result = run_cell(cell)
+            result.setdefault("process_wall_s", time.time() - t0)
+            result["threads"] = _threads()
+            print(f"   -> {write_result(cell, result, args.results)}", flush=True)
+            ran += 1
+        finally:
+            release(cell)
     return 0
 
 

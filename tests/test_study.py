@@ -500,3 +500,26 @@ def test_a_runner_waits_while_another_holds_the_last_runnable_cells(tmp_path, mo
     monkeypatch.setattr(study, "run_cell", lambda c: ran.append(study.cell_id(c)) or {"knn_acc": 0.1, "steps": 1})
     assert study.main(["run", "--results", results, "--max-cells", "1", "--poll", "7"]) == 0
     assert polls == [7.0] and ran == [study.cell_id(todo[0])]
+
+
+def test_a_runner_fills_an_idle_core_with_the_next_methods_cell_before_it_waits(tmp_path, monkeypatch):
+    results = str(tmp_path / "results")
+    first = study.pending(study.plan("supervised", results), results)
+    second = study.pending(study.plan("mocov3", results), results)
+    held = {study.cell_id(c) for c in first}  # another runner holds every runnable supervised cell
+    monkeypatch.setattr(study, "claim", lambda c: study.cell_id(c) not in held)
+    monkeypatch.setattr(study, "others_running", lambda method: method == "supervised" and bool(held))
+
+    def poll(seconds):
+        raise AssertionError("waited although the next method had a runnable cell")
+
+    monkeypatch.setattr(study.time, "sleep", poll)
+    ran = []
+    monkeypatch.setattr(study, "run_cell", lambda c: ran.append(study.cell_id(c)) or {"knn_acc": 0.1, "steps": 1})
+    argv = ["run", "--results", results, "--method", "supervised", "mocov3", "--max-cells", "1"]
+    assert study.main(argv) == 0
+    assert ran == [study.cell_id(second[0])]
+    held.clear()  # the first method's cells are free again: they come first
+    ran.clear()
+    assert study.main(argv) == 0
+    assert ran == [study.cell_id(first[0])]
