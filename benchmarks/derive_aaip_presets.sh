@@ -2,9 +2,11 @@
 # Derive the aaip-* presets (effkern/schedules/aaip/*.json) with `effkern schedule search` on the
 # small-scale study's setting (benchmarks/study.py): Fashion-MNIST, all 60k training images at 28 px,
 # the small-image model preset (patch 4, 4 blocks, width 128), the study's heads, and the study's
-# smallest budget with its tuned hyper-parameters (EPOCHS=3.2 epochs-equivalent = 192k images, BATCH=64,
-# LR=2e-3 per 256 images, sqrt rule): the reference run is then the study's own `none` seed-0 baseline
-# trajectory, and the schedule's progress fractions refer to that run.  Procedure: a baseline reference
+# anchor budget (EPOCHS=3.2 epochs-equivalent = 192k images) with BATCH=64, LR=2e-3 per 256 images (sqrt
+# rule): MoCo v3's tuned values there, so for MoCo v3 the reference run is the study's own `none` seed-0
+# baseline trajectory; for another method pass its own 192k winner (BATCH=.. LR=..) once its tuning grid
+# has run (the report says whether the recorded reference_config.json matches it).  The schedule's
+# progress fractions refer to that run.  Procedure: a baseline reference
 # run of EPOCHS epochs-equivalent, checkpointed at
 # 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 7} (the sizes that tile 28 px: 49 and 16 tokens) x keep {1, .75, .5, .25}
 # (one keep for all branches) from N_BATCHES minibatches x REPEATS draws; CA-MSE = bias^2 + cost * Var / n
@@ -45,5 +47,7 @@ for m in ${METHODS:-mocov3 simclr dino}; do
     mkdir -p "$keep" && cp "$out"/search.json "$out"/search.md "$out/schedule.json" "$keep/"
     if [ "$n" = "${NS%% *}" ]; then cp "$out"/heatmap_*.png "$keep/"; fi  # heatmaps of the first n only
   done
+  # the reference run's trainer config (batch size, LR, budget): the report says which settings the search used
+  cp "runs/search/$m/reference/config.json" "benchmarks/results/aaip_search/$m/reference_config.json"
   if [ "$COPY" = 1 ]; then cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"; fi
 done

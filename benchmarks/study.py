@@ -760,7 +760,28 @@ def _stages_text(stages: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS) -> list[str]:
+def _search_reference_text(method: str, searches: str, results: str) -> str:
+    """What the search's reference run was (``<method>/reference_config.json``, the trainer config the
+    derive script keeps) and whether its batch size / LR are the method's own tuned 192k winner."""
+    path = os.path.join(searches, method, "reference_config.json")
+    if not os.path.exists(path):
+        return f"the {method} baseline, its settings not recorded"
+    with open(path) as f:
+        cfg = json.load(f)
+    batch, lr = cfg["batch_size"], cfg["lr"]
+    text = (f"the {method} baseline of {cfg['epochs_equivalent']:g} epochs-equivalent, batch {batch}, "
+            f"--lr {lr:g} per 256 images")
+    tuned = tuned_hp(method, ANCHOR_IMAGES, results)
+    if tuned is None:
+        return text + (f" (whether these are {method}'s own best is not known yet: its tuning grid at "
+                       f"{ANCHOR_IMAGES // 1000}k has not finished)")
+    if (tuned[0], tuned[1]) == (batch, lr):
+        return text + f" ({method}'s own tuned {ANCHOR_IMAGES // 1000}k batch size and LR)"
+    return text + (f" (not {method}'s own tuned {ANCHOR_IMAGES // 1000}k values, batch {tuned[0]} / "
+                   f"--lr {tuned[1]:g}: the search ran before its tuning grid finished)")
+
+
+def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS, results: str = RESULTS) -> list[str]:
     """The AAIP search re-run at the study's scale (benchmarks/derive_aaip_presets.sh ->
     benchmarks/results/aaip_search/<method>/n<N>/), beside the stages the study's aaip cells ran."""
     base = os.path.join(searches, method)
@@ -773,8 +794,8 @@ def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS) ->
     if not runs:
         return []
     runs.sort(key=lambda r: r[1]["n"])
-    L = [f"AAIP search re-run at this scale (`benchmarks/derive_aaip_presets.sh`: the {method} baseline of "
-         "the 192k budget with its tuned batch size and LR as the reference run, seed 0, checkpoints at 0 / 25 "
+    L = [f"AAIP search re-run at this scale (`benchmarks/derive_aaip_presets.sh`; reference run: "
+         f"{_search_reference_text(method, searches, results)}, seed 0, checkpoints at 0 / 25 "
          "/ 50 / 75 / 100 % of it; CA-MSE = bias^2 + cost * Var / n of every patch x keep candidate; the "
          "monotone-decompression rule):", "",
          "| n | minibatches x draws | stages chosen (progress: stage) |", "|---|---|---|"]

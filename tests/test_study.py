@@ -420,6 +420,31 @@ def test_report_lists_the_search_rerun_beside_the_stages_the_aaip_cells_ran(tmp_
     assert study._search_section("simclr", {}, str(tmp_path)) == []  # no search: no section
 
 
+def test_report_names_the_searchs_reference_settings_and_checks_them_against_the_methods_tuning(tmp_path):
+    import json
+
+    searches, results = tmp_path / "search", str(tmp_path / "results")
+    os.makedirs(searches / "simclr" / "n1")
+    with open(searches / "simclr" / "n1" / "search.json", "w") as f:
+        json.dump({"n": 1, "n_batches": 8, "repeats": 4, "schedule": {"stages": []}, "rows": []}, f)
+
+    def first_line():
+        return study._search_section("simclr", {}, str(searches), results)[0]
+
+    assert "settings not recorded" in first_line()
+    def reference(batch, lr):
+        with open(searches / "simclr" / "reference_config.json", "w") as f:
+            json.dump({"batch_size": batch, "lr": lr, "epochs_equivalent": 3.2}, f)
+
+    reference(128, 1e-3)
+    assert "3.2 epochs-equivalent, batch 128, --lr 0.001 per 256" in first_line()
+    assert "not known yet" in first_line()  # simclr's own grid has not run
+    _finish_tuning(results, "simclr", study.ANCHOR_IMAGES, best=(64, 2e-3))
+    assert "not simclr's own tuned 192k values, batch 64 / --lr 0.002" in first_line()
+    reference(64, 2e-3)
+    assert "(simclr's own tuned 192k batch size and LR)" in first_line()
+
+
 def test_the_rederived_schedule_joins_the_study_once_its_file_exists(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "SEARCH_RESULTS", str(tmp_path))
     assert study.REDERIVED not in study.schedules_for("mocov3")
