@@ -2,11 +2,11 @@
 # Derive the aaip-* presets (effkern/schedules/aaip/*.json) with `effkern schedule search` on the
 # small-scale study's setting (benchmarks/study.py): Fashion-MNIST, all 60k training images at 28 px,
 # the small-image model preset (patch 4, 4 blocks, width 128), the study's heads, and the study's
-# anchor budget (EPOCHS=3.2 epochs-equivalent = 192k images) with BATCH=64, LR=2e-3 per 256 images (sqrt
-# rule): MoCo v3's tuned values there, so for MoCo v3 the reference run is the study's own `none` seed-0
-# baseline trajectory; for another method pass its own 192k winner (BATCH=.. LR=..) once its tuning grid
-# has run (the report says whether the recorded reference_config.json matches it).  The schedule's
-# progress fractions refer to that run.  Procedure: a baseline reference
+# anchor budget (EPOCHS=3.2 epochs-equivalent = 192k images) with the method's own tuned batch size and LR
+# there (per 256 images, sqrt rule; read from `benchmarks/study.py tuned`, so its tuning grid at 192k must
+# have finished; BATCH=.. LR=.. override): the reference run is then the study's own `none` seed-0
+# baseline trajectory (the study runs the re-derived schedule's cells only when the recorded
+# reference_config.json matches that winner).  The schedule's progress fractions refer to that run.  Procedure: a baseline reference
 # run of EPOCHS epochs-equivalent, checkpointed at
 # 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 7} (the sizes that tile 28 px: 49 and 16 tokens) x keep {1, .75, .5, .25}
 # (one keep for all branches) from N_BATCHES minibatches x REPEATS draws; CA-MSE = bias^2 + cost * Var / n
@@ -23,14 +23,21 @@ NS=${NS:-1 4 16}
 COPY_N=${COPY_N:-4}
 COPY=${COPY:-0}
 EPOCHS=${EPOCHS:-3.2}
-BATCH=${BATCH:-64}
-LR=${LR:-2e-3}
+PYTHON=${PYTHON:-.venv/bin/python}
 for m in ${METHODS:-mocov3 simclr dino}; do
   case $m in
     mocov3) MA=(--method-arg mlp_dim=512 --method-arg out_dim=128) ;;
     simclr) MA=(--method-arg hidden_dim=512 --method-arg out_dim=128) ;;
     dino) MA=(--method-arg out_dim=4096 --method-arg hidden_dim=512 --method-arg bottleneck_dim=128 --method-arg n_local=4) ;;
   esac
+  if [ -n "${BATCH:-}" ] && [ -n "${LR:-}" ]; then hp="$BATCH $LR"
+  else hp=$("$PYTHON" benchmarks/study.py tuned --method "$m") || { echo "derive_aaip_presets.sh: run $m's 192k tuning grid first, or pass BATCH=.. LR=.." >&2; exit 2; }
+  fi
+  batch=${hp% *}; lr=${hp#* }
+  ref="runs/search/$m/reference/config.json"  # an earlier search at other settings: its checkpoints must not be reused
+  if [ -f "$ref" ] && ! "$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1])); sys.exit(not (c['batch_size'] == int(sys.argv[2]) and c['lr'] == float(sys.argv[3]) and c['epochs_equivalent'] == float(sys.argv[4])))" "$ref" "$batch" "$lr" "$EPOCHS"; then
+    old="runs/search/$m.$(date +%Y%m%d%H%M%S)"; mv "runs/search/$m" "$old"; echo "derive_aaip_presets.sh: the earlier $m search ran at other settings; moved to $old"
+  fi
   for n in $NS; do
     out="runs/search/$m"
     ckpts=0,0.25,0.5,0.75,1
@@ -38,8 +45,8 @@ for m in ${METHODS:-mocov3 simclr dino}; do
       ckpts="0,0.25:$out/reference/checkpoint_p0.25.pt,0.5:$out/reference/checkpoint_p0.5.pt"
       ckpts="$ckpts,0.75:$out/reference/checkpoint_p0.75.pt,1:$out/reference/checkpoint_p1.pt"
     fi
-    "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size "$BATCH" \
-      --lr "$LR" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
+    "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size "$batch" \
+      --lr "$lr" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
       --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "$n" --no-progress --out "$out" --name "aaip-$m"
     mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
     # committed beside the study (benchmarks/study.py summarize reports them in docs/results.md)

@@ -129,6 +129,24 @@ def rederived_schedule_file(method: str) -> str:
     return os.path.join(SEARCH_RESULTS, method, "n1", "schedule.json")
 
 
+def search_reference_config(method: str, searches: str | None = None) -> dict | None:
+    """The trainer config of the AAIP search's reference run (kept by benchmarks/derive_aaip_presets.sh),
+    or None when the search has not run or did not record it."""
+    path = os.path.join(searches or SEARCH_RESULTS, method, "reference_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def rederived_is_current(method: str, results: str = RESULTS) -> bool:
+    """The re-derived schedule's cells run only when its search's reference run is the method's own tuned
+    baseline at the anchor budget (same batch size and LR): a search that ran before the method's tuning
+    finished, at other settings, has to be re-run first (benchmarks/derive_aaip_presets.sh)."""
+    cfg, tuned = search_reference_config(method), tuned_hp(method, ANCHOR_IMAGES, results)
+    return cfg is not None and tuned is not None and (cfg["batch_size"], cfg["lr"]) == tuned
+
+
 def schedules_for(method: str) -> list[str]:
     """The baseline first, then the compressed schedules of the method: const keep 0.5, the
     package's aaip preset, the AAIP search re-run at this scale (``REDERIVED``, once
@@ -253,7 +271,8 @@ def tune_cell(method: str, images: int, batch: int, lr: float) -> dict:
 
 def plan(method: str, results: str = RESULTS) -> list[dict]:
     """Every cell of ``method`` in run order; final cells of an untuned budget carry
-    ``"blocked": "tuning"`` (their batch size and LR are not known yet)."""
+    ``"blocked": "tuning"`` (their batch size and LR are not known yet); the ``REDERIVED`` cells carry
+    ``"blocked": "search"`` until the search's reference run is the method's tuned anchor baseline."""
     cells = [{"kind": "reference", "method": method, "split": "val", "seed": 0}]
     order = [ANCHOR_IMAGES] + [b for b in BUDGET_IMAGES if b != ANCHOR_IMAGES]
     for images in order:  # budget by budget (the anchor first): its tuning grid, then its final cells
@@ -275,12 +294,16 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
                         "batch": hp[0] if hp else 0, "lr": hp[1] if hp else 0.0, "seed": seed, "split": "test"}
                 if hp is None:
                     cell["blocked"] = "tuning"
+                elif schedule == REDERIVED and not rederived_is_current(method, results):
+                    cell["blocked"] = "search"
                 cells.append(cell)
         if anchor:  # step times at the anchor budget's tuned batch size
             for schedule in schedules_for(method)[1:]:
                 cell = {"kind": "timing", "method": method, "schedule": schedule, "batch": hp[0] if hp else 0}
                 if hp is None:
                     cell["blocked"] = "tuning"
+                elif schedule == REDERIVED and not rederived_is_current(method, results):
+                    cell["blocked"] = "search"
                 cells.append(cell)
     return cells
 
@@ -763,11 +786,9 @@ def _stages_text(stages: list[dict]) -> str:
 def _search_reference_text(method: str, searches: str, results: str) -> str:
     """What the search's reference run was (``<method>/reference_config.json``, the trainer config the
     derive script keeps) and whether its batch size / LR are the method's own tuned 192k winner."""
-    path = os.path.join(searches, method, "reference_config.json")
-    if not os.path.exists(path):
+    cfg = search_reference_config(method, searches)
+    if cfg is None:
         return f"the {method} baseline, its settings not recorded"
-    with open(path) as f:
-        cfg = json.load(f)
     batch, lr = cfg["batch_size"], cfg["lr"]
     text = (f"the {method} baseline of {cfg['epochs_equivalent']:g} epochs-equivalent, batch {batch}, "
             f"--lr {lr:g} per 256 images")
@@ -860,7 +881,10 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
     L += ["## What is shown and what is not", ""] + [f"- {line}" for line in _shown(summary)] + [""]
     L += ["## Continuing the study", "",
           "The grid takes many CPU-hours; it runs in resumable pieces.  `python benchmarks/study.py plan` lists "
-          "every cell as done / todo / blocked (final cells wait for their budget's tuning grid); "
+          "every cell as done / todo / blocked (final cells wait for their budget's tuning grid; the "
+          f"`{REDERIVED}` cells also wait until the AAIP search has been re-run on the method's own tuned "
+          "192k baseline: `benchmarks/derive_aaip_presets.sh` takes those settings from `python "
+          "benchmarks/study.py tuned --method <method>`); "
           "`nice -n 15 python benchmarks/study.py run --method mocov3 --threads 1` runs the next cells in order "
           "(finished cells are skipped, an interrupted training cell resumes from its last checkpoint in "
           "`runs/study/`).  On a machine with N cores, start N such runners: each claims a cell before it "
@@ -978,7 +1002,8 @@ def _runnable(method: str, args) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("cmd", choices=("plan", "run", "summarize"))
+    p.add_argument("cmd", choices=("plan", "run", "summarize", "tuned"),
+                   help="tuned: print the first --method's tuned batch size and LR at the 192k anchor budget")
     p.add_argument("--method", nargs="+", default=["mocov3"], choices=METHODS,
                    help="methods in priority order: a runner takes the first one's next runnable cell, else the "
                    "next method's")
@@ -1010,11 +1035,20 @@ def main(argv=None) -> int:
         write_report(summary, totals, REPORT)
         print(f"wrote {args.results}/summary.json and {REPORT}")
         return 0
+    if args.cmd == "tuned":
+        hp = tuned_hp(args.method[0], ANCHOR_IMAGES, args.results)
+        if hp is None:
+            print(f"study.py: {args.method[0]}'s tuning grid at {ANCHOR_IMAGES // 1000}k has not finished",
+                  file=sys.stderr)
+            return 1
+        print(f"{hp[0]} {hp[1]:g}")
+        return 0
     if args.cmd == "plan":
         for method in args.method:
             for c in (c for c in plan(method, args.results) if c["kind"] in args.stage):
                 status = "done" if load_result(c, args.results) else ("blocked" if "blocked" in c else "todo")
-                print(f"{status:8s} {cell_id(c)}")
+                why = f"  (waits for: {c['blocked']})" if status == "blocked" else ""
+                print(f"{status:8s} {cell_id(c)}{why}")
         return 0
     ran = 0
     while args.max_cells is None or ran < args.max_cells:

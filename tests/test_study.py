@@ -464,6 +464,38 @@ def test_the_rederived_schedule_joins_the_study_once_its_file_exists(tmp_path, m
     assert "/" not in study.cell_id(cell).split("/final/")[1].split("/")[0]  # one directory level per part
 
 
+def test_rederived_cells_wait_until_the_search_ran_on_the_methods_own_tuned_baseline(tmp_path, monkeypatch, capsys):
+    import json
+
+    searches, results = tmp_path / "search", str(tmp_path / "results")
+    monkeypatch.setattr(study, "SEARCH_RESULTS", str(searches))
+    os.makedirs(searches / "simclr" / "n1")
+    (searches / "simclr" / "n1" / "schedule.json").write_text(
+        '{"name": "x", "stages": [{"start": 0.0, "stage": {"keep": {"default": 0.5}}}]}')
+    assert study.main(["tuned", "--method", "simclr", "--results", results]) == 1  # no tuning yet
+    _finish_tuning(results, "simclr", study.ANCHOR_IMAGES, best=(64, 2e-3))
+    capsys.readouterr()
+    assert study.main(["tuned", "--method", "simclr", "--results", results]) == 0
+    assert capsys.readouterr().out.strip() == "64 0.002"
+
+    def rederived():
+        return [c for c in study.plan("simclr", results) if c.get("schedule") == study.REDERIVED]
+
+    def write_reference(batch, lr):
+        with open(searches / "simclr" / "reference_config.json", "w") as f:
+            json.dump({"batch_size": batch, "lr": lr, "epochs_equivalent": 3.2}, f)
+
+    anchor_cells = [c for c in rederived() if c.get("images") == study.ANCHOR_IMAGES or c["kind"] == "timing"]
+    assert len(anchor_cells) == len(study.SEEDS) + 1 and all(c["blocked"] == "search" for c in anchor_cells)
+    write_reference(128, 2e-3)  # a search at other settings than the tuned winner
+    assert all("blocked" in c for c in rederived())
+    write_reference(64, 2e-3)
+    now = [c for c in rederived() if c.get("images") == study.ANCHOR_IMAGES or c["kind"] == "timing"]
+    assert now and not any("blocked" in c for c in now)
+    others = [c for c in study.plan("simclr", results) if c.get("schedule") == "const:keep=0.5"]
+    assert not any(c.get("blocked") == "search" for c in others)
+
+
 def test_finals_count_at_their_grids_winner_even_beside_a_better_off_grid_tune_cell(tmp_path):
     results = str(tmp_path)
     _finish_tuning(results, "mocov3", study.ANCHOR_IMAGES, best=(64, 2e-3))
