@@ -799,7 +799,7 @@ def _search_reference_text(method: str, searches: str, results: str) -> str:
     if (tuned[0], tuned[1]) == (batch, lr):
         return text + f" ({method}'s own tuned {ANCHOR_IMAGES // 1000}k batch size and LR)"
     return text + (f" (not {method}'s own tuned {ANCHOR_IMAGES // 1000}k values, batch {tuned[0]} / "
-                   f"--lr {tuned[1]:g}: the search ran before its tuning grid finished)")
+                   f"--lr {tuned[1]:g}: its `{REDERIVED}` cells wait until the search is re-run at those)")
 
 
 def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS, results: str = RESULTS) -> list[str]:
