@@ -53,8 +53,9 @@ for m in ${METHODS:-mocov3 simclr dino}; do
     keep="benchmarks/results/aaip_search/$m/n$n"
     mkdir -p "$keep" && cp "$out"/search.json "$out"/search.md "$out/schedule.json" "$keep/"
     if [ "$n" = "${NS%% *}" ]; then cp "$out"/heatmap_*.png "$keep/"; fi  # heatmaps of the first n only
+    # the reference run's trainer config (batch size, LR, budget), beside each n's results from the first one on:
+    # the report says which settings the search used, and the study checks them before it runs the schedule
+    cp "$out/reference/config.json" "benchmarks/results/aaip_search/$m/reference_config.json"
   done
-  # the reference run's trainer config (batch size, LR, budget): the report says which settings the search used
-  cp "runs/search/$m/reference/config.json" "benchmarks/results/aaip_search/$m/reference_config.json"
   if [ "$COPY" = 1 ]; then cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"; fi
 done
