@@ -275,6 +275,7 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
     ``"blocked": "search"`` until the search's reference run is the method's tuned anchor baseline."""
     cells = [{"kind": "reference", "method": method, "split": "val", "seed": 0}]
     order = [ANCHOR_IMAGES] + [b for b in BUDGET_IMAGES if b != ANCHOR_IMAGES]
+    search_current = REDERIVED in schedules_for(method) and rederived_is_current(method, results)
     for images in order:  # budget by budget (the anchor first): its tuning grid, then its final cells
         anchor = images == ANCHOR_IMAGES
         grid = tune_grid(method, images, results)
@@ -294,7 +295,7 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
                         "batch": hp[0] if hp else 0, "lr": hp[1] if hp else 0.0, "seed": seed, "split": "test"}
                 if hp is None:
                     cell["blocked"] = "tuning"
-                elif schedule == REDERIVED and not rederived_is_current(method, results):
+                elif schedule == REDERIVED and not search_current:
                     cell["blocked"] = "search"
                 cells.append(cell)
         if anchor:  # step times at the anchor budget's tuned batch size
@@ -302,7 +303,7 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
                 cell = {"kind": "timing", "method": method, "schedule": schedule, "batch": hp[0] if hp else 0}
                 if hp is None:
                     cell["blocked"] = "tuning"
-                elif schedule == REDERIVED and not rederived_is_current(method, results):
+                elif schedule == REDERIVED and not search_current:
                     cell["blocked"] = "search"
                 cells.append(cell)
     return cells
