@@ -34,6 +34,9 @@ Design (one cell = one ``effkern train`` run directory + one JSON in ``RESULTS``
   trained on all 60k, evaluated on the 10k test split, with the tuned batch size and LR of
   that budget (the compressed schedules reuse the baseline's;
   they are not tuned separately).  A final cell waits until the tuning of its budget is done.
+  A schedule whose stages train exactly as an earlier one's (``same_as``: e.g. a package
+  preset that is one constant keep 0.5, or keep 1 at the native patch size = the baseline)
+  gets no cells; the report gives it that schedule's rows.
 * ``timing`` cells: baseline and compressed steps alternating in one process (so machine
   load hits both alike) -> seconds per unit of budget of each schedule.
 
@@ -168,6 +171,41 @@ def trainer_schedule(method: str, schedule: str) -> str:
     return f"file:{rederived_schedule_file(method)}" if schedule == REDERIVED else schedule
 
 
+def training_stages(method: str, schedule: str) -> tuple:
+    """What ``schedule`` trains with, its labels left out: (start, patch size, default keep, other
+    branches' keeps, resolution, RandAugment magnitude) per stage, with the model's native patch size
+    filled in and a stage equal to the one before merged into it.  Two schedules with equal
+    ``training_stages`` train identically."""
+    from effkern.schedules import get_schedule
+    from effkern.train.config import model_for
+
+    native = model_for(None, BASE_SIZE)[1].get("patch_size")
+    out: list = []
+    for start, st in get_schedule(trainer_schedule(method, schedule)).stages:
+        keep = dict(st.keep)
+        default = keep.pop("default", 1.0)
+        key = (st.patch_size or native, default, tuple(sorted((b, r) for b, r in keep.items() if r != default)),
+               st.resolution, st.randaug_magnitude)
+        if not out or out[-1][1] != key:
+            out.append((start, key))
+    return tuple(out)
+
+
+def same_as(method: str) -> dict[str, str]:
+    """{schedule: the earlier schedule of ``schedules_for(method)`` it trains identically to}: such a
+    schedule (e.g. a package preset that is one constant keep, or a search result that never compresses)
+    gets no cells of its own; the report gives it the earlier schedule's numbers."""
+    first: dict = {}
+    out = {}
+    for schedule in schedules_for(method):
+        key = training_stages(method, schedule)
+        if key in first:
+            out[schedule] = first[key]
+        else:
+            first[key] = schedule
+    return out
+
+
 # ----------------------------------------------------------------------------- cells
 def slug(schedule: str) -> str:
     return schedule.replace(":", "_").replace("=", "").replace(",", "_").replace("+", "p")
@@ -276,6 +314,7 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
     cells = [{"kind": "reference", "method": method, "split": "val", "seed": 0}]
     order = [ANCHOR_IMAGES] + [b for b in BUDGET_IMAGES if b != ANCHOR_IMAGES]
     search_current = REDERIVED in schedules_for(method) and rederived_is_current(method, results)
+    schedules = [s for s in schedules_for(method) if s not in same_as(method)]  # one set of cells per training
     for images in order:  # budget by budget (the anchor first): its tuning grid, then its final cells
         anchor = images == ANCHOR_IMAGES
         grid = tune_grid(method, images, results)
@@ -287,7 +326,7 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
         if anchor:  # the test split's reference points, before the first test-split cell
             cells += [{"kind": "reference", "method": method, "split": "test", "seed": seed} for seed in SEEDS]
         hp = tuned_hp(method, images, results)
-        for schedule in schedules_for(method):
+        for schedule in schedules:
             if schedule != "none" and images not in COMPRESSED_BUDGETS:
                 continue
             for seed in SEEDS:
@@ -299,7 +338,7 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
                     cell["blocked"] = "search"
                 cells.append(cell)
         if anchor:  # step times at the anchor budget's tuned batch size
-            for schedule in schedules_for(method)[1:]:
+            for schedule in schedules[1:]:
                 cell = {"kind": "timing", "method": method, "schedule": schedule, "batch": hp[0] if hp else 0}
                 if hp is None:
                     cell["blocked"] = "tuning"
@@ -617,6 +656,25 @@ def summarize(results: str = RESULTS) -> dict:
         aaip = [r for r in finals if r["cell"]["schedule"] == f"aaip-{method}" and "schedule_stages" in r]
         if aaip:
             entry["aaip_stages"] = aaip[0]["schedule_stages"]
+        # a schedule that trains as an earlier one does is that schedule's rows; cells it ran anyway
+        # (before the plan knew) are compared with that schedule's, seed by seed
+        from effkern.schedules import get_schedule
+
+        entry["same_as"] = {}
+        for alias, canonical in same_as(method).items():
+            ran = entry["schedules"].pop(alias, {})
+            entry["timing"].pop(alias, None)
+            checks = []
+            for images, v in ran.items():
+                other = entry["schedules"].get(canonical, {}).get(images)
+                common = sorted(set(v["seeds"]) & set(other["seeds"])) if other else []
+                if common:
+                    mine_knn, theirs = dict(zip(v["seeds"], v["knn_per_seed"])), dict(zip(other["seeds"],
+                                                                                      other["knn_per_seed"]))
+                    checks.append({"images": v["images"], "seeds": common,
+                                   "max_abs_knn_diff": max(abs(mine_knn[s] - theirs[s]) for s in common)})
+            stages = json.loads(get_schedule(trainer_schedule(method, alias)).to_json())["stages"]
+            entry["same_as"][alias] = {"schedule": canonical, "stages": stages, "ran_anyway": checks}
         base = entry["schedules"].get("none", {})
         # the baseline curve: budgets with MIN_CURVE_SEEDS seeds (one seed would enter the bootstrap with no spread)
         base_curve = {v["images"]: v["knn_per_seed"] for v in base.values()
@@ -740,6 +798,8 @@ def _shown(summary: dict) -> list[str]:
                        f"{verdict} at this scale (paper: {paper_claim(method, schedule)})"
                        + (f"; by the linear probe {_factor_text(probe)}" if probe else "")
                        + (f"; by the classifier's top-1 {_factor_text(top1)}" if top1 else "") + ".")
+        for alias, same in entry.get("same_as", {}).items():
+            out.append(f"{method} {alias}: {_same_as_text(alias, same)}")
         if not factors:
             out.append(f"{method}: no compute-saved factor yet (it needs the baseline at >= 2 budgets and the "
                        f"compressed schedule, >= 2 seeds each, on the test split); no saving is claimed.")
@@ -782,6 +842,21 @@ def _stages_text(stages: list[dict]) -> str:
         patch = st.get("patch_size") or "native"
         parts.append(f"{s['start']:g}: patch {patch} keep {keep:g}")
     return "; ".join(parts)
+
+
+def _same_as_text(alias: str, same: dict) -> str:
+    """One sentence: ``alias`` trains as ``same["schedule"]`` does, and what its cells that ran anyway showed."""
+    canonical = same["schedule"]
+    text = (f"the same training as `{canonical}` (stages {_stages_text(same['stages'])}), so it has no cells of "
+            "its own: " + ("its factor is 1 by construction." if canonical == "none"
+                           else f"its numbers and factors are `{canonical}`'s rows."))
+    for c in same.get("ran_anyway", []):
+        diff = c["max_abs_knn_diff"]
+        text += (f"  Its {c['images'] / TRAIN_IMAGES:.1f} epochs-eq. cells ran before the study checked this; over "
+                 f"{len(c['seeds'])} seeds their test kNN " + ("equals" if diff == 0 else
+                                                               f"differs by up to {100 * diff:.2f} points from")
+                 + f" `{canonical}`'s, seed for seed.")
+    return text
 
 
 def _search_reference_text(method: str, searches: str, results: str) -> str:
@@ -962,6 +1037,8 @@ def write_report(summary: dict, cells_total: dict, path: str = REPORT) -> None:
                   "the factor is not an artefact of the kNN"
                   + ("; 'compute saved (classifier top-1)' inverts the curve of the trained classifier's own "
                      "top-1, the metric EfficientTrain++ reports." if top1 else "."), ""]
+        for alias, same in entry.get("same_as", {}).items():
+            L += [f"`{alias}`: {_same_as_text(alias, same)}", ""]
         if entry.get("superseded_finals"):
             L += [f"Superseded final cells (run at a batch size / LR that a later tune cell beat; not counted): "
                   f"{', '.join(f'`{c}`' for c in entry['superseded_finals'])}.", ""]

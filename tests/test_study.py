@@ -470,8 +470,9 @@ def test_rederived_cells_wait_until_the_search_ran_on_the_methods_own_tuned_base
     searches, results = tmp_path / "search", str(tmp_path / "results")
     monkeypatch.setattr(study, "SEARCH_RESULTS", str(searches))
     os.makedirs(searches / "simclr" / "n1")
-    (searches / "simclr" / "n1" / "schedule.json").write_text(
-        '{"name": "x", "stages": [{"start": 0.0, "stage": {"keep": {"default": 0.5}}}]}')
+    (searches / "simclr" / "n1" / "schedule.json").write_text(  # not const:keep=0.5's training (see same_as)
+        '{"name": "x", "stages": [{"start": 0.0, "stage": {"keep": {"default": 0.5}}},'
+        ' {"start": 0.5, "stage": {"keep": {"default": 1.0}}}]}')
     assert study.main(["tuned", "--method", "simclr", "--results", results]) == 1  # no tuning yet
     _finish_tuning(results, "simclr", study.ANCHOR_IMAGES, best=(64, 2e-3))
     capsys.readouterr()
@@ -580,3 +581,54 @@ def test_a_runner_fills_an_idle_core_with_the_next_methods_cell_before_it_waits(
     ran.clear()
     assert study.main(argv) == 0
     assert ran == [study.cell_id(first[0])]
+
+
+def test_a_schedule_that_trains_as_an_earlier_one_gets_no_cells_and_the_report_says_whose_rows_it_has(
+        tmp_path, monkeypatch):
+    searches, results = tmp_path / "search", str(tmp_path / "results")
+    monkeypatch.setattr(study, "SEARCH_RESULTS", str(searches))
+    os.makedirs(searches / "mocov3" / "n1")
+    schedule_file = searches / "mocov3" / "n1" / "schedule.json"
+    # const:keep=0.5 spelled another way: the native patch size named, a label, a second stage equal to the first
+    schedule_file.write_text('{"name": "x", "stages": [{"start": 0.0, "stage": {"patch_size": 4, "keep": '
+                             '{"default": 0.5}, "name": "a"}}, {"start": 0.5, "stage": {"keep": {"default": 0.5, '
+                             '"q": 0.5}, "name": "b"}}]}')
+    assert study.same_as("mocov3") == {study.REDERIVED: "const:keep=0.5"}
+    _finish_tuning(results, "mocov3", study.ANCHOR_IMAGES, best=(128, 2e-3))
+    cells = study.plan("mocov3", results)
+    assert not any(c.get("schedule") == study.REDERIVED for c in cells)
+    assert any(c.get("schedule") == "const:keep=0.5" and c["kind"] == "timing" for c in cells)
+    # a different keep, patch size or start is a different training
+    for other in ('{"start": 0.0, "stage": {"keep": {"default": 0.25}}}',
+                  '{"start": 0.0, "stage": {"patch_size": 7, "keep": {"default": 0.5}}}',
+                  '{"start": 0.0, "stage": {"keep": {"default": 0.5, "k": 1.0}}}',
+                  '{"start": 0.0, "stage": {"keep": {"default": 0.5}}}, {"start": 0.5, "stage": {}}'):
+        schedule_file.write_text('{"name": "x", "stages": [' + other + ']}')
+        assert study.same_as("mocov3") == {}, other
+    # uncompressed at the native patch size is the baseline: factor 1 by construction
+    schedule_file.write_text('{"name": "x", "stages": [{"start": 0.0, "stage": {"patch_size": 4, "keep": '
+                             '{"default": 1.0}}}]}')
+    assert study.same_as("mocov3") == {study.REDERIVED: "none"}
+    assert "1 by construction" in study._same_as_text(study.REDERIVED, {"schedule": "none", "stages": []})
+    # cells that ran before the plan knew: left out of the rows, compared seed by seed with the canonical ones
+    schedule_file.write_text('{"name": "x", "stages": [{"start": 0.0, "stage": {"keep": {"default": 0.5}}}]}')
+    B = study.BUDGET_IMAGES
+    for images, acc in ((B[1], 0.74), (B[2], 0.78)):
+        for seed in study.SEEDS:
+            _final(results, "none", images, seed, acc + 0.001 * seed)
+    for seed in study.SEEDS:
+        _final(results, "const:keep=0.5", B[1], seed, 0.76 + 0.001 * seed)
+        _final(results, study.REDERIVED, B[1], seed, 0.76 + 0.001 * seed + (0.003 if seed == 2 else 0.0))
+    summary = study.summarize(results)
+    m = summary["methods"]["mocov3"]
+    assert study.REDERIVED not in m["schedules"] and "const:keep=0.5" in m["schedules"]
+    same = m["same_as"][study.REDERIVED]
+    assert same["schedule"] == "const:keep=0.5" and same["stages"][0]["stage"]["keep"] == {"default": 0.5}
+    (check,) = same["ran_anyway"]
+    assert check["seeds"] == list(study.SEEDS) and check["max_abs_knn_diff"] == pytest.approx(0.003)
+    report = str(tmp_path / "results.md")
+    study.write_report(summary, {"mocov3": (1, 1)}, report)
+    text = open(report).read()
+    assert f"`{study.REDERIVED}`: the same training as `const:keep=0.5`" in text
+    assert "differs by up to 0.30 points from `const:keep=0.5`'s, seed for seed" in text
+    assert f"mocov3 {study.REDERIVED}: the same training" in text  # also in what is shown
