@@ -313,8 +313,9 @@ def plan(method: str, results: str = RESULTS) -> list[dict]:
     ``"blocked": "search"`` until the search's reference run is the method's tuned anchor baseline."""
     cells = [{"kind": "reference", "method": method, "split": "val", "seed": 0}]
     order = [ANCHOR_IMAGES] + [b for b in BUDGET_IMAGES if b != ANCHOR_IMAGES]
-    search_current = REDERIVED in schedules_for(method) and rederived_is_current(method, results)
-    schedules = [s for s in schedules_for(method) if s not in same_as(method)]  # one set of cells per training
+    aliases = same_as(method)
+    schedules = [s for s in schedules_for(method) if s not in aliases]  # one set of cells per training
+    search_current = REDERIVED in schedules and rederived_is_current(method, results)
     for images in order:  # budget by budget (the anchor first): its tuning grid, then its final cells
         anchor = images == ANCHOR_IMAGES
         grid = tune_grid(method, images, results)
