@@ -914,7 +914,7 @@ def _search_section(method: str, entry: dict, searches: str = SEARCH_RESULTS, re
     if any(d["n"] == 1 for _, d in runs):
         L += ["", f"The study's `{REDERIVED}` cells run the n = 1 schedule."]
     used = entry.get("aaip_stages")
-    if used:
+    if used and f"aaip-{method}" not in entry.get("same_as", {}):  # an alias's stages are stated with it
         L += ["", f"The study's `aaip-{method}` cells ran the package preset: {_stages_text(used)}."]
     rel = os.path.relpath(base, os.path.dirname(REPORT))
     name = runs[0][0]

@@ -415,6 +415,8 @@ def test_report_lists_the_search_rerun_beside_the_stages_the_aaip_cells_ran(tmp_
     assert len(baseline_itself) == 1 and baseline_itself[0].startswith("So the n = 16 search's")
     assert f"The study's `{study.REDERIVED}` cells run the n = 1 schedule." in lines
     assert any("ran the package preset: 0: patch 4 keep 0.25." in line for line in lines)
+    aliased = {"aaip_stages": [{"start": 0.0, "stage": stage}], "same_as": {"aaip-mocov3": {"schedule": "x"}}}
+    assert not any("package preset" in line for line in study._search_section("mocov3", aliased, str(tmp_path)))
     assert any("has the lowest CA-MSE at progress 0.5 (checkpoints: 0, 0.5)" in line for line in lines)
     assert any("n1/heatmap_1.png" in line and "progress 0.5" in line for line in lines)
     assert study._search_section("simclr", {}, str(tmp_path)) == []  # no search: no section
