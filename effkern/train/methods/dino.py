@@ -4,7 +4,11 @@ student = encoder + DINOHead (MLP D -> hidden -> hidden -> bottleneck with GELU,
 l2-normalised bottleneck, weight-normalised last layer bottleneck -> out_dim, weight_g
 fixed to 1 with ``norm_last_layer``); teacher = EMA copy (momentum 0.996 -> 1, cosine),
 kept in eval mode (no drop path, as the official teacher built without it), full
-tokens unless ``teacher_branch`` names a schedule branch.  Multi-crop: 2 global views
+tokens unless ``teacher_branch`` names a schedule branch.  With ``use_bn_in_head`` the
+teacher head's BatchNorm layers normalise by the teacher batch's own statistics while
+training (the official teacher is never put in eval mode; the EMA averages parameters,
+not running statistics), and under torch.distributed the head's BN is SyncBatchNorm
+(``sync_bn``), as the official ``convert_sync_batchnorm``.  Multi-crop: 2 global views
 (base_size) + ``n_local`` local views (round(96/224 * base_size)); the teacher sees the
 2 global views.  Loss: mean over (teacher global i, student view j != i) of
 CE(softmax((t_i - center) / tt), log_softmax(s_j / ts)); center EMA (0.9) of the
@@ -117,6 +121,7 @@ class DINO(Method):
         freeze_last_layer=0.01,                # fraction of progress (official: 1 of 100 epochs)
         teacher_branch=None,                   # schedule branch for the teacher's keep; None -> full tokens
         eval_teacher=True,                     # kNN on the teacher backbone (official eval_knn default)
+        sync_bn=True,                          # with use_bn_in_head: SyncBatchNorm when torch.distributed is up
     )
 
     def __init__(self, encoder: nn.Module, **hparams):
@@ -124,6 +129,8 @@ class DINO(Method):
         hp = self.hp
         self.head = DINOHead(encoder.num_features, hp["out_dim"], hp["hidden_dim"], hp["bottleneck_dim"],
                              hp["nlayers"], hp["use_bn_in_head"], hp["norm_last_layer"])
+        if hp["use_bn_in_head"] and hp["sync_bn"] and dist.is_dist():
+            self.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.head)
         self.teacher = frozen_copy(encoder)
         self.teacher_head = frozen_copy(self.head)
         self.teacher.eval()
@@ -136,9 +143,14 @@ class DINO(Method):
         self.on_progress(0.0)
 
     def train(self, mode: bool = True):
+        """The teacher stays in eval mode (no drop path), except the BatchNorm layers of its
+        head, which follow ``mode``: batch statistics while training, as the official teacher."""
         super().train(mode)
         self.teacher.eval()
         self.teacher_head.eval()
+        for m in self.teacher_head.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(mode)
         return self
 
     # --- schedules ---
