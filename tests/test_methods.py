@@ -271,7 +271,7 @@ def test_dino_frozen_last_layer_same_forward():
 def test_dino_bn_head_teacher_normalises_by_its_batch():
     # teacher == student at init; with BN in the head both must normalise by the batch's statistics
     # while training (a teacher BN left in eval mode would use its never-updated running stats 0 / 1)
-    m = tiny_method("dino", use_bn_in_head=True).train()
+    m = tiny_method("dino", use_bn_in_head=True)  # as built: the training loop never calls .train()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, m.encoder.num_features, generator=g) * 3 + 5
     with torch.no_grad():
@@ -279,6 +279,9 @@ def test_dino_bn_head_teacher_normalises_by_its_batch():
     assert not m.teacher.training and not m.teacher_head.training
     m.eval()
     assert not any(mod.training for mod in m.teacher_head.modules())
+    m.train()
+    with torch.no_grad():
+        torch.testing.assert_close(m.teacher_head(x), m.head(x))
 
 
 @pytest.mark.parametrize("name", ["mocov3", "dino"])

@@ -133,14 +133,13 @@ class DINO(Method):
             self.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.head)
         self.teacher = frozen_copy(encoder)
         self.teacher_head = frozen_copy(self.head)
-        self.teacher.eval()
-        self.teacher_head.eval()
         self.register_buffer("center", torch.zeros(1, hp["out_dim"]))
         # the teacher temperature of the current step, set by on_progress (a tensor: see Method.on_progress)
         self.register_buffer("teacher_temp_now", torch.tensor(float(hp["warmup_teacher_temp_start"])),
                              persistent=False)
         self.momentum = cosine_momentum(hp["momentum_start"], 0.0)
         self.on_progress(0.0)
+        self.train(self.training)  # the teacher's modes (below), also for a loop that never calls train()
 
     def train(self, mode: bool = True):
         """The teacher stays in eval mode (no drop path), except the BatchNorm layers of its
