@@ -142,14 +142,11 @@ class DINO(Method):
         self.train(self.training)  # the teacher's modes (below), also for a loop that never calls train()
 
     def train(self, mode: bool = True):
-        """The teacher stays in eval mode (no drop path), except the BatchNorm layers of its
-        head, which follow ``mode``: batch statistics while training, as the official teacher."""
+        """The teacher backbone stays in eval mode (no drop path); the teacher head follows
+        ``mode`` (its only mode-dependent layers are BatchNorm: batch statistics while
+        training, as the official teacher)."""
         super().train(mode)
         self.teacher.eval()
-        self.teacher_head.eval()
-        for m in self.teacher_head.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train(mode)
         return self
 
     # --- schedules ---
