@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from effkern.schedules import get_schedule
+from effkern.schedules.stage import Stage
 from effkern.schedules.search import GradientMoments, camse, candidate_grid, estimate, monotone_choice
 from effkern.train.schedule_search import search
 
@@ -187,6 +188,8 @@ def test_search_end_to_end_on_a_tiny_run(tmp_path):
     run = Run(cfg(tmp_path / "unused"))
     costs = [run.step_cost(st) for _, st in loaded.stages]
     assert all(b >= a for a, b in zip(costs, costs[1:]))
+    # the model's native patch (4) is written as "native", so the schedule ports to other models
+    assert all(st.patch_size in (None, 8) for _, st in loaded.stages)
     rows = json.load(open(out / "search.json"))["rows"]
     assert len(rows) == 2 and all(len(r) == 4 for r in rows)
     for r in itertools.chain(*rows):
@@ -194,3 +197,12 @@ def test_search_end_to_end_on_a_tiny_run(tmp_path):
         assert "encoder.blocks" in r["groups"] and "projector" in r["groups"]
     ref = [r for r in rows[0] if r["name"] == "p4_k1"][0]
     assert ref["cost"] == pytest.approx(1.0) and ref["bias2_raw"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_search_writes_the_native_patch_as_native():
+    from effkern.train.schedule_search import _portable
+
+    at_native = _portable(Stage(patch_size=4, keep={"default": 0.25}, name="p4_k0.25"), native_patch=4)
+    assert at_native.patch_size is None and at_native.keep_for("q") == 0.25 and at_native.name == "pnative_k0.25"
+    larger = Stage(patch_size=8, keep={"default": 0.5}, name="p8_k0.5")
+    assert _portable(larger, native_patch=4) == larger

@@ -10,6 +10,7 @@ the flat gradient.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -127,11 +128,13 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
             r["argmin"] = r is r_min
     stages: list[tuple[float, Stage]] = []
     prev = None
+    native = run.model_cfg.patch_size
     for k, ((progress, _), pick) in enumerate(zip(checkpoints, chosen)):
         start = 0.0 if k == 0 else (checkpoints[k - 1][0] + progress) / 2
-        if pick["stage"] != prev:
-            stages.append((start, pick["stage"]))
-            prev = pick["stage"]
+        stage = _portable(pick["stage"], native)
+        if stage != prev:
+            stages.append((start, stage))
+            prev = stage
     schedule = Schedule(name, stages)
     with open(os.path.join(out_dir, "schedule.json"), "w") as f:
         f.write(schedule.to_json())
@@ -145,6 +148,16 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
                    "seed": seed, "schedule": json.loads(schedule.to_json()),
                    "rows": [[_jsonable(r) for r in rows] for rows in tables]}, f, indent=1)
     return schedule
+
+
+def _portable(stage: Stage, native_patch: int) -> Stage:
+    """``stage`` with a patch size equal to the searched model's native one written as None
+    (native): the schedule then means "the model's own patch size" on any model, not, say,
+    patch 4 on a patch-16 model at 224 px (49x the tokens).  Other patch sizes stay absolute."""
+    if stage.patch_size is None or stage.patch_size != native_patch:
+        return stage
+    native = dataclasses.replace(stage, patch_size=None, name=None)
+    return dataclasses.replace(native, name=stage_label(native))
 
 
 def _jsonable(row: dict) -> dict:
