@@ -845,8 +845,8 @@ def _stages_text(stages: list[dict]) -> str:
     for s in stages:
         st = s["stage"]
         keep = st.get("keep", {}).get("default", 1.0) if isinstance(st.get("keep"), dict) else st.get("keep")
-        patch = st.get("patch_size") or "native"
-        parts.append(f"{s['start']:g}: patch {patch} keep {keep:g}")
+        patch = f"patch {st['patch_size']}" if st.get("patch_size") else "native patch"
+        parts.append(f"{s['start']:g}: {patch} keep {keep:g}")
     return "; ".join(parts)
 
 
