@@ -156,7 +156,7 @@ def _portable(stage: Stage, native_patch: int) -> Stage:
     patch 4 on a patch-16 model at 224 px (49x the tokens).  Other patch sizes stay absolute."""
     if stage.patch_size is None or stage.patch_size != native_patch:
         return stage
-    native = dataclasses.replace(stage, patch_size=None, name=None)
+    native = dataclasses.replace(stage, patch_size=None)
     return dataclasses.replace(native, name=stage_label(native))
 
 
