@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 
-from effkern.schedules import get_schedule
-from effkern.schedules.stage import Stage
+from effkern.schedules import Stage, get_schedule
 from effkern.schedules.search import GradientMoments, camse, candidate_grid, estimate, monotone_choice
 from effkern.train.schedule_search import search
 

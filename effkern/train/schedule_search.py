@@ -154,7 +154,7 @@ def _portable(stage: Stage, native_patch: int) -> Stage:
     """``stage`` with a patch size equal to the searched model's native one written as None
     (native): the schedule then means "the model's own patch size" on any model, not, say,
     patch 4 on a patch-16 model at 224 px (49x the tokens).  Other patch sizes stay absolute."""
-    if stage.patch_size is None or stage.patch_size != native_patch:
+    if stage.patch_size != native_patch:
         return stage
     native = dataclasses.replace(stage, patch_size=None)
     return dataclasses.replace(native, name=stage_label(native))
