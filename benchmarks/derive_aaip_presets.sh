@@ -25,17 +25,15 @@ COPY=${COPY:-0}
 EPOCHS=${EPOCHS:-3.2}
 PYTHON=${PYTHON:-.venv/bin/python}
 for m in ${METHODS:-mocov3 simclr dino}; do
-  case $m in
-    mocov3) MA=(--method-arg mlp_dim=512 --method-arg out_dim=128) ;;
-    simclr) MA=(--method-arg hidden_dim=512 --method-arg out_dim=128) ;;
-    dino) MA=(--method-arg out_dim=4096 --method-arg hidden_dim=512 --method-arg bottleneck_dim=128 --method-arg n_local=4) ;;
-  esac
+  # the study's own heads (benchmarks/study.py METHOD_KWARGS; for DINO also its 2 global crops and BN head)
+  read -ra KV <<< "$("$PYTHON" benchmarks/study.py method-args --method "$m")"
+  MA=(); for kv in "${KV[@]}"; do MA+=(--method-arg "$kv"); done
   if [ -n "${BATCH:-}" ] && [ -n "${LR:-}" ]; then hp="$BATCH $LR"
   else hp=$("$PYTHON" benchmarks/study.py tuned --method "$m") || { echo "derive_aaip_presets.sh: run $m's 192k tuning grid first, or pass BATCH=.. LR=.." >&2; exit 2; }
   fi
   batch=${hp% *}; lr=${hp#* }
   ref="runs/search/$m/reference/config.json"  # an earlier search at other settings: its checkpoints must not be reused
-  if [ -f "$ref" ] && ! "$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1])); sys.exit(not (c['batch_size'] == int(sys.argv[2]) and c['lr'] == float(sys.argv[3]) and c['epochs_equivalent'] == float(sys.argv[4])))" "$ref" "$batch" "$lr" "$EPOCHS"; then
+  if [ -f "$ref" ] && ! "$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1])); kw={k: json.loads(v) for k, v in (a.split('=', 1) for a in sys.argv[5:])}; sys.exit(not (c['batch_size'] == int(sys.argv[2]) and c['lr'] == float(sys.argv[3]) and c['epochs_equivalent'] == float(sys.argv[4]) and c.get('method_kwargs') == kw))" "$ref" "$batch" "$lr" "$EPOCHS" "${KV[@]}"; then
     old="runs/search/$m.$(date +%Y%m%d%H%M%S)"; mv "runs/search/$m" "$old"; echo "derive_aaip_presets.sh: the earlier $m search ran at other settings; moved to $old"
   fi
   for n in $NS; do

@@ -152,7 +152,12 @@ def rederived_is_current(method: str, results: str = RESULTS) -> bool:
     baseline at the anchor budget (same batch size and LR): a search that ran before the method's tuning
     finished, at other settings, has to be re-run first (benchmarks/derive_aaip_presets.sh)."""
     cfg, tuned = search_reference_config(method), tuned_hp(method, ANCHOR_IMAGES, results)
-    return cfg is not None and tuned is not None and (cfg["batch_size"], cfg["lr"]) == tuned
+    if cfg is None or tuned is None or (cfg["batch_size"], cfg["lr"]) != tuned:
+        return False
+    # the method's heads too (a search whose reference run had other heads, or DINO's multi-crop, is not the
+    # study's baseline); a config recorded without them (mocov3's, written by hand after its search) is taken
+    # as the script's arguments of that time, which were the study's
+    return cfg.get("method_kwargs", METHOD_KWARGS[method]) == METHOD_KWARGS[method]
 
 
 def schedules_for(method: str) -> list[str]:
@@ -1086,8 +1091,9 @@ def _runnable(method: str, args) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("cmd", choices=("plan", "run", "summarize", "tuned"),
-                   help="tuned: print the first --method's tuned batch size and LR at the 192k anchor budget")
+    p.add_argument("cmd", choices=("plan", "run", "summarize", "tuned", "method-args"),
+                   help="tuned: print the first --method's tuned batch size and LR at the 192k anchor budget; "
+                   "method-args: print its method hyper-parameters as `effkern` --method-arg KEY=VALUE words")
     p.add_argument("--method", nargs="+", default=["mocov3"], choices=METHODS,
                    help="methods in priority order: a runner takes the first one's next runnable cell, else the "
                    "next method's")
@@ -1126,6 +1132,9 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 1
         print(f"{hp[0]} {hp[1]:g}")
+        return 0
+    if args.cmd == "method-args":
+        print(" ".join(f"{k}={json.dumps(v)}" for k, v in METHOD_KWARGS[args.method[0]].items()))
         return 0
     if args.cmd == "plan":
         for method in args.method:

@@ -447,6 +447,17 @@ def test_report_names_the_searchs_reference_settings_and_checks_them_against_the
     assert "(simclr's own tuned 192k batch size and LR)" in first_line()
 
 
+@pytest.mark.parametrize("method", ["mocov3", "simclr", "dino"])
+def test_method_args_print_the_studys_heads_as_the_trainers_method_arg_words(method, capsys):
+    # benchmarks/derive_aaip_presets.sh passes these to `effkern schedule search`: the search's reference
+    # run must train the study's own model and heads (DINO: its 2 global crops and BN head)
+    from effkern.cli_train import _kv
+
+    assert study.main(["method-args", "--method", method]) == 0
+    words = capsys.readouterr().out.split()
+    assert _kv(words, "--method-arg") == study.METHOD_KWARGS[method]
+
+
 def test_the_rederived_schedule_joins_the_study_once_its_file_exists(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "SEARCH_RESULTS", str(tmp_path))
     assert study.REDERIVED not in study.schedules_for("mocov3")
@@ -484,15 +495,18 @@ def test_rederived_cells_wait_until_the_search_ran_on_the_methods_own_tuned_base
     def rederived():
         return [c for c in study.plan("simclr", results) if c.get("schedule") == study.REDERIVED]
 
-    def write_reference(batch, lr):
+    def write_reference(batch, lr, **extra):
         with open(searches / "simclr" / "reference_config.json", "w") as f:
-            json.dump({"batch_size": batch, "lr": lr, "epochs_equivalent": 3.2}, f)
+            json.dump({"batch_size": batch, "lr": lr, "epochs_equivalent": 3.2, **extra}, f)
 
     anchor_cells = [c for c in rederived() if c.get("images") == study.ANCHOR_IMAGES or c["kind"] == "timing"]
     assert len(anchor_cells) == len(study.SEEDS) + 1 and all(c["blocked"] == "search" for c in anchor_cells)
     write_reference(128, 2e-3)  # a search at other settings than the tuned winner
     assert all("blocked" in c for c in rederived())
-    write_reference(64, 2e-3)
+    # the right batch size and LR, but the search's reference run had other heads than the study's
+    write_reference(64, 2e-3, method_kwargs={**study.METHOD_KWARGS["simclr"], "out_dim": 256})
+    assert all("blocked" in c for c in rederived())
+    write_reference(64, 2e-3, method_kwargs=study.METHOD_KWARGS["simclr"])
     now = [c for c in rederived() if c.get("images") == study.ANCHOR_IMAGES or c["kind"] == "timing"]
     assert now and not any("blocked" in c for c in now)
     others = [c for c in study.plan("simclr", results) if c.get("schedule") == "const:keep=0.5"]
