@@ -259,7 +259,8 @@ def schedule_main(argv: list[str]) -> int:
                                "-> a schedule JSON (docs/schedules_search.md)")
     srch.add_argument("--checkpoints", default="0,0.25,0.5,0.75,1",
                       help="progress points; the reference run (schedule none, same budget) is trained "
-                           "and checkpointed there, or give PROGRESS:PATH pairs of existing checkpoints")
+                           "and checkpointed there (a rerun with the same settings and --out reuses the points "
+                           "an interrupted one reached), or give PROGRESS:PATH pairs of existing checkpoints")
     srch.add_argument("--patch-sizes", type=int, nargs="+", default=None,
                       help="default: native and 2x native, or the next larger size that divides --base-size")
     srch.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25],
@@ -347,11 +348,38 @@ def default_search_patch_sizes(patch: int, base_size: int) -> list[int]:
     return [patch] + [d for d in range(patch + 1, base_size + 1) if base_size % d == 0][:1]
 
 
+def _reference_checkpoint_reusable(path: str, ref, step: int) -> bool:
+    """An interrupted search left ``path`` (a progress-point checkpoint of its reference run): reused when
+    the same reference run wrote it (every setting equal but how far one piece trains) at ``step``."""
+    from effkern.train import checkpoint as ckpt
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        saved = ckpt.read(path)
+    except ckpt.CheckpointError:
+        return False
+    def settings(cfg: dict) -> str:  # tuples and lists alike, as the checkpoint may hold either
+        return json.dumps({k: v for k, v in cfg.items() if k not in ("stop_after_steps", "resume")},
+                          sort_keys=True, default=str)
+
+    return settings(saved["cfg"]) == settings(ref.to_dict()) and saved["state"].get("step") == step
+
+
+def _replace_file(src: str, dst: str) -> None:
+    """Copy ``src`` over ``dst`` atomically (a kill leaves the old or the new file, never half of one)."""
+    import shutil
+
+    tmp = f"{dst}.tmp{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _search(args) -> int:
     """Reference run checkpointed at the progress points (exact resume makes the pieces one
-    run), then the CA-MSE search over the candidate grid at each checkpoint."""
+    run; the pieces an interrupted search of the same run finished are reused), then the CA-MSE
+    search over the candidate grid at each checkpoint."""
     import dataclasses
-    import shutil
 
     from effkern.schedules.presets import check_patch_size
     from effkern.schedules.search import candidate_grid
@@ -379,7 +407,7 @@ def _search(args) -> int:
     for p in patch_sizes:  # before the reference run: a size that does not tile the views changes nothing
         check_patch_size(p, cfg.base_size, f"--patch-sizes: patch size {p}")
     total_steps = int(probe.budget // probe.step_cost(probe.schedule.at(0.0)))
-    done = 0
+    done = trained = reused = 0
     for q in sorted(points):
         if q in given:
             checkpoints.append((q, given[q]))
@@ -388,12 +416,18 @@ def _search(args) -> int:
             checkpoints.append((0.0, None))
             continue
         target = max(1, round(q * total_steps))
+        path = os.path.join(ref_dir, f"checkpoint_p{q:g}.pt")
+        if target > done and trained == 0 and _reference_checkpoint_reusable(path, ref, target):
+            _replace_file(path, os.path.join(ref_dir, "checkpoint.pt"))  # the next piece resumes from it
+            done = reused = target
         if target > done:
             train(dataclasses.replace(ref, stop_after_steps=target - done, resume=done > 0))
-            done = target
-        path = os.path.join(ref_dir, f"checkpoint_p{q:g}.pt")
-        shutil.copyfile(os.path.join(ref_dir, "checkpoint.pt"), path)
+            trained, done = trained + target - done, target
+            _replace_file(os.path.join(ref_dir, "checkpoint.pt"), path)
         checkpoints.append((q, path))
+    if reused:
+        print(f"reference run: steps 1-{reused} from the checkpoints an earlier search left in {ref_dir}; "
+              f"{trained} steps trained now")
     # one keep ratio for every branch (views and momentum/teacher passes alike)
     candidates = candidate_grid(patch_sizes, args.keeps, branches=("default",), tied=True)
     schedule = search(lambda: Run(dataclasses.replace(cfg, out_dir=os.path.join(out, "scratch"))), checkpoints,

@@ -33,6 +33,40 @@ def test_search_command_writes_a_schedule_train_can_use(tmp_path):
     assert json.load(open(tmp_path / "train" / "summary.json"))["steps"] >= 4
 
 
+def test_a_rerun_search_reuses_the_reference_pieces_an_interrupted_one_finished(tmp_path):
+    import torch
+
+    out = tmp_path / "search"
+    common = ["--data", "digits", "--base-size", "16", "--limit-train", "256", "--limit-test", "64",
+              "--batch-size", "32", "--model-arg", "depth=1", "--model-arg", "patch_size=4",
+              "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2", "--method-arg", "mlp_dim=32",
+              "--method-arg", "out_dim=16", "--checkpoints", "0,0.5,1", "--keeps", "1", "0.5",
+              "--n-batches", "1", "--repeats", "2", "--out", str(out)]
+
+    def search(*extra):
+        res = subprocess.run([sys.executable, "-m", "effkern", "schedule", "search", "--method", "mocov3",
+                              *common, *extra], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def weights(q):
+        saved = torch.load(out / "reference" / f"checkpoint_p{q}.pt", weights_only=True)
+        return saved["state"]["step"], saved["method"]
+
+    assert "earlier search" not in search()
+    step_half, _ = weights(0.5)
+    step_end, end = weights(1)
+    (out / "reference" / "checkpoint_p1.pt").unlink()  # killed in the second piece
+    stdout = search()
+    assert f"steps 1-{step_half} from the checkpoints an earlier search left" in stdout
+    assert f"{step_end - step_half} steps trained now" in stdout
+    step, again = weights(1)
+    assert step == step_end and again.keys() == end.keys()
+    assert all(torch.equal(again[k], end[k]) for k in end)  # exact resume: the same weights
+    # other settings (another LR): nothing of the earlier run is reused
+    assert "earlier search" not in search("--lr", "1e-3")
+
+
 def test_search_command_rejects_bad_checkpoints(tmp_path):
     res = subprocess.run([sys.executable, "-m", "effkern", "schedule", "search", "--data", "digits",
                           "--checkpoints", "0,1.5", "--out", str(tmp_path)], capture_output=True, text=True)
