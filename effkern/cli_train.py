@@ -359,6 +359,7 @@ def _reference_checkpoint_reusable(path: str, ref, step: int) -> bool:
         saved = ckpt.read(path)
     except ckpt.CheckpointError:
         return False
+
     def settings(cfg: dict) -> str:  # tuples and lists alike, as the checkpoint may hold either
         return json.dumps({k: v for k, v in cfg.items() if k not in ("stop_after_steps", "resume")},
                           sort_keys=True, default=str)
@@ -420,9 +421,10 @@ def _search(args) -> int:
         if target > done and trained == 0 and _reference_checkpoint_reusable(path, ref, target):
             _replace_file(path, os.path.join(ref_dir, "checkpoint.pt"))  # the next piece resumes from it
             done = reused = target
-        if target > done:
-            train(dataclasses.replace(ref, stop_after_steps=target - done, resume=done > 0))
-            trained, done = trained + target - done, target
+        else:
+            if target > done:  # two points may round to one step: the second is a copy of the first
+                train(dataclasses.replace(ref, stop_after_steps=target - done, resume=done > 0))
+                trained, done = trained + target - done, target
             _replace_file(os.path.join(ref_dir, "checkpoint.pt"), path)
         checkpoints.append((q, path))
     if reused:
