@@ -32,19 +32,17 @@ for m in ${METHODS:-mocov3 simclr dino}; do
   else hp=$("$PYTHON" benchmarks/study.py tuned --method "$m") || { echo "derive_aaip_presets.sh: run $m's 192k tuning grid first, or pass BATCH=.. LR=.." >&2; exit 2; }
   fi
   batch=${hp% *}; lr=${hp#* }
-  ref="runs/search/$m/reference/config.json"  # an earlier search at other settings: its checkpoints must not be reused
+  # an earlier search at other settings is moved aside (`schedule search` would not reuse its checkpoints,
+  # but its reference run's metrics would mix with the new run's)
+  ref="runs/search/$m/reference/config.json"
   if [ -f "$ref" ] && ! "$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1])); kw={k: json.loads(v) for k, v in (a.split('=', 1) for a in sys.argv[5:])}; sys.exit(not (c['batch_size'] == int(sys.argv[2]) and c['lr'] == float(sys.argv[3]) and c['epochs_equivalent'] == float(sys.argv[4]) and c.get('method_kwargs') == kw))" "$ref" "$batch" "$lr" "$EPOCHS" "${KV[@]}"; then
     old="runs/search/$m.$(date +%Y%m%d%H%M%S)"; mv "runs/search/$m" "$old"; echo "derive_aaip_presets.sh: the earlier $m search ran at other settings; moved to $old"
   fi
   for n in $NS; do
     out="runs/search/$m"
-    ckpts=0,0.25,0.5,0.75,1
-    if [ -f "$out/reference/checkpoint_p1.pt" ]; then  # later n: reuse the reference run's checkpoints
-      ckpts="0,0.25:$out/reference/checkpoint_p0.25.pt,0.5:$out/reference/checkpoint_p0.5.pt"
-      ckpts="$ckpts,0.75:$out/reference/checkpoint_p0.75.pt,1:$out/reference/checkpoint_p1.pt"
-    fi
+    # later n (and a rerun after a kill): `schedule search` reuses the reference checkpoints of the same run
     "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size "$batch" \
-      --lr "$lr" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints "$ckpts" --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
+      --lr "$lr" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints 0,0.25,0.5,0.75,1 --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
       --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "$n" --no-progress --out "$out" --name "aaip-$m"
     mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
     # committed beside the study (benchmarks/study.py summarize reports them in docs/results.md)
