@@ -695,3 +695,32 @@ def test_kill_during_a_save_resumes_from_the_last_complete_checkpoint(stopped_ru
     resumed, full = step_losses(run_dir), step_losses(stopped_run / "full")
     assert sorted(resumed) == sorted(full)
     assert [resumed[s] for s in sorted(full)] == pytest.approx([full[s] for s in sorted(full)], rel=1e-6, abs=1e-7)
+
+
+def _log(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_metrics_log_holds_the_one_run_in_its_directory(stopped_run, tmp_path):
+    """A resume cuts metrics.jsonl back to its checkpoint's step (a later record, a line
+    cut short by the kill and an old final summary go); a fresh start in the same directory
+    starts a new log instead of appending to the old run's."""
+    from effkern.train.loop import train
+
+    run_dir = _copy_run(stopped_run, tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 7, "loss": 123.0}) + "\n" + json.dumps({"final": True, "steps": 7}) + "\n")
+        f.write('{"step": 8, "lo')
+    train(tiny_cfg(run_dir, resume=True))
+    log = _log(run_dir)
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+    assert [r["steps"] for r in log if r.get("final")] == [8]
+    full = step_losses(stopped_run / "full")
+    assert [r["loss"] for r in log if "loss" in r] == pytest.approx([full[s] for s in range(1, 9)], rel=1e-6)
+    first_lr = log[-1]["peak_lr"]
+
+    train(tiny_cfg(run_dir, lr=3e-3))  # not resumed: another run in the same directory
+    log = _log(run_dir)
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+    assert len([r for r in log if r.get("final")]) == 1 and log[-1]["peak_lr"] == pytest.approx(3 * first_lr)

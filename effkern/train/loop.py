@@ -19,6 +19,8 @@ Determinism: the data order (per-epoch seeded shuffle), the augmentations
 (seeded per (epoch, index)), the token-dropout draws (a generator seeded per
 step) and the global RNG state are all in the checkpoint, so ``--resume``
 continues with exactly the losses an uninterrupted run would have produced.
+``metrics.jsonl`` is the log of that one run: a fresh start empties it, a resume
+cuts it back to the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -306,6 +308,7 @@ class Run:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
+            _trim_jsonl(metrics_path, self.state["step"])
         bar = _progress_bar(cfg.progress_bar and self.rank == 0, self.state["spent"] / self.budget)
         steps_this_process, done, pending = 0, False, []
         while not done:
@@ -389,6 +392,32 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def _trim_jsonl(path: str, step: int) -> None:
+    """Make ``path`` the log of the steps this run starts after: a fresh run (step 0) starts
+    an empty file (an earlier run in the same directory would otherwise mix in); a resumed
+    run keeps the records up to its checkpoint's step and drops the later ones (re-logged
+    as they are trained again) and the earlier final summary."""
+    if not os.path.exists(path):
+        return
+    if step == 0:
+        os.remove(path)
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the process was killed
+            continue
+        if not record.get("final") and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _append_jsonl(path: str, record: dict) -> None:
