@@ -10,7 +10,7 @@
 # run of EPOCHS epochs-equivalent, checkpointed at
 # 0/25/50/75/100 % of its budget; at each checkpoint the CA-MSE of patch {4, 7} (the sizes that tile 28 px: 49 and 16 tokens) x keep {1, .75, .5, .25}
 # (one keep for all branches) from N_BATCHES minibatches x REPEATS draws; CA-MSE = bias^2 + cost * Var / n
-# for each n in NS (the choice flips with n at small sample sizes: report the heatmaps for every n);
+# for each n in NS, all from one estimation (the choice flips with n at small sample sizes: report every n);
 # the monotone-decompression rule of docs/schedules_search.md.  By default (COPY=0) the package's
 # presets are left alone (the study measures them and the re-derived schedules side by side);
 # COPY=1 copies the schedule of COPY_N into effkern/schedules/aaip/.  Roughly 25-40 min per method on 2 idle cores.
@@ -32,26 +32,24 @@ for m in ${METHODS:-mocov3 simclr dino}; do
   else hp=$("$PYTHON" benchmarks/study.py tuned --method "$m") || { echo "derive_aaip_presets.sh: run $m's 192k tuning grid first, or pass BATCH=.. LR=.." >&2; exit 2; }
   fi
   batch=${hp% *}; lr=${hp#* }
-  # an earlier search at other settings is moved aside (`schedule search` would not reuse its checkpoints,
-  # but its reference run's metrics would mix with the new run's)
-  ref="runs/search/$m/reference/config.json"
-  if [ -f "$ref" ] && ! "$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1])); kw={k: json.loads(v) for k, v in (a.split('=', 1) for a in sys.argv[5:])}; sys.exit(not (c['batch_size'] == int(sys.argv[2]) and c['lr'] == float(sys.argv[3]) and c['epochs_equivalent'] == float(sys.argv[4]) and c.get('method_kwargs') == kw))" "$ref" "$batch" "$lr" "$EPOCHS" "${KV[@]}"; then
-    old="runs/search/$m.$(date +%Y%m%d%H%M%S)"; mv "runs/search/$m" "$old"; echo "derive_aaip_presets.sh: the earlier $m search ran at other settings; moved to $old"
-  fi
-  for n in $NS; do
-    out="runs/search/$m"
-    # later n (and a rerun after a kill): `schedule search` reuses the reference checkpoints of the same run
-    "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size "$batch" \
-      --lr "$lr" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints 0,0.25,0.5,0.75,1 --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
-      --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "$n" --no-progress --out "$out" --name "aaip-$m"
-    mkdir -p "$out/n$n" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$out/n$n/"
+  out="runs/search/$m"
+  # one reference run and one gradient estimation for every n (each n's files in $out/n<n>/, or in $out for a
+  # single n); a rerun after a kill reuses the reference checkpoints of the same run (`schedule search` checks
+  # every setting; a run at other settings is retrained from step 0 and starts a fresh metrics log)
+  read -ra NV <<< "$NS"
+  "$EFFKERN" schedule search --method "$m" --data fashion-mnist --base-size 28 --batch-size "$batch" \
+    --lr "$lr" --epochs-equivalent "$EPOCHS" "${MA[@]}" --checkpoints 0,0.25,0.5,0.75,1 --patch-sizes 4 7 --keeps 1 0.75 0.5 0.25 \
+    --n-batches "$N_BATCHES" --repeats "$REPEATS" --n "${NV[@]}" --no-progress --out "$out" --name "aaip-$m"
+  for n in "${NV[@]}"; do
+    n=$(printf '%g' "$n")  # the directory name `schedule search` gives that n
+    src="$out/n$n"; [ "${#NV[@]}" -gt 1 ] || { mkdir -p "$src" && cp "$out"/search.* "$out"/heatmap_*.png "$out/schedule.json" "$src/"; }
     # committed beside the study (benchmarks/study.py summarize reports them in docs/results.md)
     keep="benchmarks/results/aaip_search/$m/n$n"
-    mkdir -p "$keep" && cp "$out"/search.json "$out"/search.md "$out/schedule.json" "$keep/"
-    if [ "$n" = "${NS%% *}" ]; then cp "$out"/heatmap_*.png "$keep/"; fi  # heatmaps of the first n only
-    # the reference run's trainer config (batch size, LR, budget), beside each n's results from the first one on:
-    # the report says which settings the search used, and the study checks them before it runs the schedule
-    cp "$out/reference/config.json" "benchmarks/results/aaip_search/$m/reference_config.json"
+    mkdir -p "$keep" && cp "$src"/search.json "$src"/search.md "$src/schedule.json" "$keep/"
+    if [ "$n" = "$(printf '%g' "${NV[0]}")" ]; then cp "$src"/heatmap_*.png "$keep/"; fi  # heatmaps of the first n only
   done
+  # the reference run's trainer config (batch size, LR, budget, heads): the report says which settings the
+  # search used, and the study checks them before it runs the schedule
+  cp "$out/reference/config.json" "benchmarks/results/aaip_search/$m/reference_config.json"
   if [ "$COPY" = 1 ]; then cp "runs/search/$m/n$COPY_N/schedule.json" "effkern/schedules/aaip/aaip-$m.json"; fi
 done

@@ -268,8 +268,10 @@ def schedule_main(argv: list[str]) -> int:
     srch.add_argument("--n-batches", type=int, default=4, help="minibatches per candidate and checkpoint")
     srch.add_argument("--repeats", type=int, default=3, help="gradient draws per minibatch")
     srch.add_argument("--name", default=None, help="schedule name (default aaip-METHOD)")
-    srch.add_argument("--n", type=float, default=1.0, help="CA-MSE = bias^2 + cost * Var / n: the number of "
-                      "baseline minibatches the comparison is made at (larger n favours unbiased strategies)")
+    srch.add_argument("--n", type=float, nargs="+", default=[1.0],
+                      help="CA-MSE = bias^2 + cost * Var / n: the number of baseline minibatches the comparison "
+                           "is made at (larger n favours unbiased strategies); several values share one gradient "
+                           "estimation and write each n's results to OUT/n<n>/")
     args = p.parse_args(argv)
     if args.cmd == "calibrate":
         try:
@@ -384,7 +386,7 @@ def _search(args) -> int:
 
     from effkern.schedules.presets import check_patch_size
     from effkern.schedules.search import candidate_grid
-    from effkern.train.schedule_search import search
+    from effkern.train.schedule_search import n_dir, search
     from effkern.train.loop import Run, train
 
     args.schedule = "none"
@@ -399,6 +401,8 @@ def _search(args) -> int:
             given[float(prog)] = path
     if any(not 0.0 <= q <= 1.0 for q in points):
         raise ValueError(f"--checkpoints progress points must be in [0, 1], got {points}")
+    if any(not v > 0 for v in args.n) or len(set(args.n)) != len(args.n):  # before the reference run
+        raise ValueError(f"--n must be distinct values > 0, got {' '.join(f'{v:g}' for v in args.n)}")
     checkpoints = []
     ref_dir = os.path.join(out, "reference")
     ref = dataclasses.replace(cfg, out_dir=ref_dir, eval_every=0)
@@ -432,12 +436,15 @@ def _search(args) -> int:
               f"{trained} steps trained now")
     # one keep ratio for every branch (views and momentum/teacher passes alike)
     candidates = candidate_grid(patch_sizes, args.keeps, branches=("default",), tied=True)
-    schedule = search(lambda: Run(dataclasses.replace(cfg, out_dir=os.path.join(out, "scratch"))), checkpoints,
-                      candidates, n_batches=args.n_batches, repeats=args.repeats, seed=args.seed,
-                      out_dir=out, name=args.name or f"aaip-{args.method}", n=args.n)
-    print(open(os.path.join(out, "search.md")).read())
-    path = os.path.join(out, "schedule.json")
-    print(f"schedule {schedule.name!r}: {path}  (use: effkern train --schedule file:{path})")
+    several = len(args.n) > 1
+    result = search(lambda: Run(dataclasses.replace(cfg, out_dir=os.path.join(out, "scratch"))), checkpoints,
+                    candidates, n_batches=args.n_batches, repeats=args.repeats, seed=args.seed,
+                    out_dir=out, name=args.name or f"aaip-{args.method}", n=args.n if several else args.n[0])
+    for n, schedule in (result.items() if several else [(args.n[0], result)]):
+        where = n_dir(out, n) if several else out
+        print((f"## n = {n:g}\n\n" if several else "") + open(os.path.join(where, "search.md")).read())
+        path = os.path.join(where, "schedule.json")
+        print(f"schedule {schedule.name!r}: {path}  (use: effkern train --schedule file:{path})")
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from effkern.schedules import Stage, get_schedule
-from effkern.schedules.search import GradientMoments, camse, candidate_grid, estimate, monotone_choice
+from effkern.schedules.search import GradientMoments, camse, candidate_grid, estimate, monotone_choice, rescore
 from effkern.train.schedule_search import search
 
 D_FEAT, M, N_BATCHES = 5, 32, 2
@@ -128,6 +128,24 @@ def test_deterministic_under_the_seed_and_groups_add_up():
             assert sum(g[key] for g in r["groups"].values()) == pytest.approx(r[key])
 
 
+def test_rescore_gives_the_table_an_estimation_at_that_n_gives():
+    """Only cav and camse depend on n: rescoring one estimation equals estimating again at
+    that n with the same seeds (exactly, totals and groups), and a large n can flip the
+    choice from a cheap biased strategy to the unbiased one."""
+    batches, w = _problem()
+    fn = _grad_fn(batches, w)
+    groups = {"a": slice(0, 2), "b": slice(2, D_FEAT)}
+    strategies = {"cheap_biased": ((0.3, False), 0.3), "full": ((1.0, True), 1.0)}
+    at_1 = estimate(fn, strategies, None, N_BATCHES, 8, seed=3, groups=groups)
+    for n in (0.5, 4.0, 1e4):
+        assert rescore(at_1, n) == estimate(fn, strategies, None, N_BATCHES, 8, seed=3, n=n, groups=groups)
+    assert at_1 == estimate(fn, strategies, None, N_BATCHES, 8, seed=3, groups=groups)  # not modified
+    best = [min(rescore(at_1, n), key=lambda r: r["camse"])["name"] for n in (1e-3, 1e4)]
+    assert best == ["cheap_biased", "full"]
+    with pytest.raises(ValueError, match="n must be > 0"):
+        rescore(at_1, 0.0)
+
+
 def test_moments_memory_is_bounded_and_welford_matches_torch():
     P = 1000
     xs = torch.randn(300, P, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -196,6 +214,21 @@ def test_search_end_to_end_on_a_tiny_run(tmp_path):
         assert "encoder.blocks" in r["groups"] and "projector" in r["groups"]
     ref = [r for r in rows[0] if r["name"] == "p4_k1"][0]
     assert ref["cost"] == pytest.approx(1.0) and ref["bias2_raw"] == pytest.approx(0.0, abs=1e-12)
+
+    # several n: one estimation, each n's files in n<n>/; n=1 repeats the run above exactly
+    many = search(lambda: Run(cfg(tmp_path / "unused")), [(0.0, None), (0.5, ckpt)], candidates,
+                  n_batches=2, repeats=2, seed=0, out_dir=str(tmp_path / "many"), n=[1, 64], plots=False)
+    assert list(many) == [1.0, 64.0] and many[1.0] == schedule
+    assert json.load(open(tmp_path / "many" / "n1" / "search.json")) == json.load(open(out / "search.json"))
+    at_64 = json.load(open(tmp_path / "many" / "n64" / "search.json"))
+    assert at_64["n"] == 64 and get_schedule("file:" + str(tmp_path / "many" / "n64" / "schedule.json")) == many[64.0]
+    for r1, r64 in zip(itertools.chain(*rows), itertools.chain(*at_64["rows"])):
+        assert (r64["name"], r64["bias2"], r64["var"]) == (r1["name"], r1["bias2"], r1["var"])
+        assert r64["camse"] == pytest.approx(r1["bias2"] + r1["cost"] * r1["var"] / 64, rel=1e-12)
+    assert not (tmp_path / "many" / "schedule.json").exists()
+    with pytest.raises(ValueError, match="distinct values > 0"):
+        search(lambda: Run(cfg(tmp_path / "unused")), [(0.0, None)], candidates, out_dir=str(tmp_path / "x"),
+               n=[4, 4])
 
 
 def test_search_writes_the_native_patch_as_native():

@@ -53,7 +53,11 @@ def test_a_rerun_search_reuses_the_reference_pieces_an_interrupted_one_finished(
         saved = torch.load(out / "reference" / f"checkpoint_p{q}.pt", weights_only=True)
         return saved["state"]["step"], saved["method"]
 
-    assert "earlier search" not in search()
+    first = search("--n", "1", "4")  # two n from one estimation: each n's files in n<n>/
+    assert "earlier search" not in first and "## n = 1" in first and "## n = 4" in first
+    for n in ("1", "4"):
+        assert json.load(open(out / f"n{n}" / "search.json"))["n"] == float(n)
+        assert (out / f"n{n}" / "heatmap_0.png").exists() and (out / f"n{n}" / "schedule.json").exists()
     step_half, _ = weights(0.5)
     step_end, end = weights(1)
     assert weights(0.55)[0] == step_half == step_end // 2  # 8 steps: 0.55 rounds to 0.5's step, a copy of it
@@ -68,10 +72,13 @@ def test_a_rerun_search_reuses_the_reference_pieces_an_interrupted_one_finished(
     assert "earlier search" not in search("--lr", "1e-3")
 
 
-def test_search_command_rejects_bad_checkpoints(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "effkern", "schedule", "search", "--data", "digits",
-                          "--checkpoints", "0,1.5", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert res.returncode == 2 and "checkpoints" in res.stderr
+@pytest.mark.parametrize("bad, option", [(["--checkpoints", "0,1.5"], "--checkpoints"), (["--n", "0"], "--n"),
+                                         (["--n", "4", "4"], "--n")])
+def test_search_command_rejects_bad_settings_before_training(tmp_path, bad, option):
+    res = subprocess.run([sys.executable, "-m", "effkern", "schedule", "search", "--data", "digits", *bad,
+                          "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and option in res.stderr and len(res.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "s" / "reference").exists()
 
 
 @pytest.mark.parametrize("name", ["aaip-mocov3", "aaip-simclr", "aaip-dino"])

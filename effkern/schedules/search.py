@@ -8,6 +8,8 @@ Estimator (model-agnostic, memory O(P) in the number of gradient coordinates P):
 * ``camse(ref_mean, moments, cost, n)``: bias2 = ||E[g_s] - g*||^2, var = tr Var[g_s],
   cav = cost * var / n, camse = bias2 + cav (total and per group).
 * ``estimate(grad_fn, strategies, ref_stage, n_batches, repeats, seed)``: the table.
+* ``rescore(rows, n)``: the same table at another n (only cav and camse depend on n, so one
+  estimation serves every n).
 
 Candidates and the schedule rule: ``candidate_grid(patch_sizes, keeps, branches, tied=True)``,
 ``monotone_choice(tables)``.  The search against the trainer (``search``) lives one layer
@@ -26,7 +28,7 @@ from torch import Tensor
 from effkern._seeding import mix_seed
 from effkern.schedules.stage import Stage
 
-__all__ = ["GradientMoments", "camse", "estimate", "grad_seed", "candidate_grid", "stage_label",
+__all__ = ["GradientMoments", "camse", "estimate", "rescore", "grad_seed", "candidate_grid", "stage_label",
            "monotone_choice"]
 
 def grad_seed(seed: int, batch_index: int, repeat: int) -> int:
@@ -188,6 +190,21 @@ def estimate(grad_fn: Callable[[Any, int, int, torch.Generator], Tensor],
             noise = within_m2 / (n_batches * (repeats - 1)) / (n_batches * repeats)
         rows.append({"name": str(name), "stage": stage, **camse(ref_mean, total, cost, n, noise)})
     return rows
+
+
+def rescore(rows: Sequence[Mapping[str, Any]], n: float) -> list[dict[str, Any]]:
+    """Copies of ``estimate``'s rows with cav = cost * var / n and camse = bias2 + cav at
+    another ``n`` (totals and groups); bias2 and var do not depend on n, so the result equals
+    an estimation run at that n with the same seeds."""
+    if not n > 0:
+        raise ValueError(f"n must be > 0, got {n}")
+
+    def at_n(stats: Mapping[str, Any], cost: float) -> dict[str, Any]:
+        cav = cost * stats["var"] / n
+        return {**stats, "cav": cav, "camse": stats["bias2"] + cav}
+
+    return [{**at_n(r, r["cost"]), "groups": {g: at_n(v, r["cost"]) for g, v in r["groups"].items()}}
+            for r in rows]
 
 
 # ----------------------------------------------------------------------------- candidates

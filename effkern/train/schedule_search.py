@@ -2,7 +2,8 @@
 CA-MSE of every candidate stage with effkern.schedules.search, pick a monotone schedule,
 write tables, heatmaps and the schedule JSON.  See docs/schedules_search.md.
 
-``search(run_factory, checkpoints, candidates, ...) -> Schedule``; ``make_grad_fn`` turns a
+``search(run_factory, checkpoints, candidates, ...) -> Schedule`` (or {n: Schedule} for
+several n from one estimation); ``make_grad_fn`` turns a
 loaded Run into the ``grad_fn`` the estimator samples; ``param_groups`` names the slices of
 the flat gradient.
 """
@@ -20,12 +21,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from effkern.schedules.search import estimate, grad_seed, monotone_choice, stage_label
+from effkern.schedules.search import estimate, grad_seed, monotone_choice, rescore, stage_label
 from effkern.schedules.stage import Schedule, Stage
 from effkern.train import checkpoint as ckpt
 from effkern.train.data import make_loader
 
-__all__ = ["search", "make_grad_fn", "param_groups"]
+__all__ = ["search", "n_dir", "make_grad_fn", "param_groups"]
 
 
 def param_groups(named_params: Sequence[tuple[str, Tensor]]) -> dict[str, slice]:
@@ -84,18 +85,24 @@ def make_grad_fn(run, progress: float, n_batches: int, seed: int, ref_stage: Sta
 
 def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, str | None]],
            candidates: Sequence[Stage], n_batches: int = 4, repeats: int = 4, seed: int = 0,
-           out_dir: str = "search", ref_stage: Stage | None = None, n: float = 1.0,
-           name: str = "aaip", plots: bool = True) -> Schedule:
+           out_dir: str = "search", ref_stage: Stage | None = None, n: float | Sequence[float] = 1.0,
+           name: str = "aaip", plots: bool = True) -> Schedule | dict[float, Schedule]:
     """AAIP search: CA-MSE of every candidate at every checkpoint -> a monotone schedule.
 
     checkpoints: [(progress, path or None)], path a checkpoint file (or a run directory
     holding checkpoint.pt) whose "method" state_dict is loaded; None = the fresh init.
     Writes schedule.json, search.csv, search.md, search.json and (``plots``) heatmap_<k>.png
     per checkpoint into out_dir; returns the Schedule (stage k starts at the midpoint
-    between checkpoint k-1 and k; consecutive equal choices are merged).
+    between checkpoint k-1 and k; consecutive equal choices are merged).  ``n`` a sequence
+    of values: the gradients are estimated once and each n's table, choice and files go to
+    ``out_dir/n<n>/``; returns {n: Schedule}.
     """
     if not checkpoints or not candidates:
         raise ValueError("need at least one checkpoint and one candidate")
+    several = not isinstance(n, (int, float))
+    ns = [float(v) for v in n] if several else [float(n)]
+    if not ns or any(not v > 0 for v in ns) or len(set(ns)) != len(ns):
+        raise ValueError(f"n must be one or more distinct values > 0, got {n}")
     ref_stage = ref_stage if ref_stage is not None else Stage(name="ref")
     checkpoints = sorted(((float(p), c) for p, c in checkpoints), key=lambda t: t[0])
     os.makedirs(out_dir, exist_ok=True)
@@ -115,10 +122,27 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
             state = ckpt.read(file, map_location=run.device)["method"]  # CheckpointError naming a bad file
         run.method.load_state_dict(state)
         grad_fn, groups, nb = make_grad_fn(run, progress, n_batches, seed, ref_stage)
-        rows = estimate(grad_fn, strategies, ref_stage, nb, repeats, seed, n=n, groups=groups)
+        rows = estimate(grad_fn, strategies, ref_stage, nb, repeats, seed, n=ns[0], groups=groups)
         for r in rows:
             r.update(progress=progress, checkpoint=path)
         tables.append(rows)
+    settings = {"ref_stage": ref_stage.to_dict(), "n_batches": n_batches, "repeats": repeats, "seed": seed}
+    schedules = {}
+    for v in ns:
+        where = n_dir(out_dir, v) if several else out_dir
+        schedules[v] = _choose(tables if v == ns[0] else [rescore(rows, v) for rows in tables], checkpoints,
+                               run.model_cfg.patch_size, name, where, plots, {**settings, "n": v})
+    return schedules if several else schedules[ns[0]]
+
+
+def n_dir(out_dir: str, n: float) -> str:
+    """Where a search over several n writes the files of one n: ``out_dir/n<n>``."""
+    return os.path.join(out_dir, f"n{n:g}")
+
+
+def _choose(tables: list[list[dict]], checkpoints: Sequence[tuple[float, str | None]], native: int, name: str,
+            out_dir: str, plots: bool, settings: dict) -> Schedule:
+    """The monotone schedule of one n's tables; writes its files into out_dir."""
     chosen = monotone_choice(tables)
     for rows, pick in zip(tables, chosen):
         for r in rows:
@@ -128,7 +152,6 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
             r["argmin"] = r is r_min
     stages: list[tuple[float, Stage]] = []
     prev = None
-    native = run.model_cfg.patch_size
     for k, ((progress, _), pick) in enumerate(zip(checkpoints, chosen)):
         start = 0.0 if k == 0 else (checkpoints[k - 1][0] + progress) / 2
         stage = _portable(pick["stage"], native)
@@ -136,6 +159,7 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
             stages.append((start, stage))
             prev = stage
     schedule = Schedule(name, stages)
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "schedule.json"), "w") as f:
         f.write(schedule.to_json())
     from effkern.schedules.search_plot import write_heatmaps, write_tables
@@ -144,8 +168,9 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
     if plots:
         write_heatmaps(tables, out_dir)
     with open(os.path.join(out_dir, "search.json"), "w") as f:
-        json.dump({"ref_stage": ref_stage.to_dict(), "n": n, "n_batches": n_batches, "repeats": repeats,
-                   "seed": seed, "schedule": json.loads(schedule.to_json()),
+        json.dump({"ref_stage": settings["ref_stage"], "n": settings["n"], "n_batches": settings["n_batches"],
+                   "repeats": settings["repeats"], "seed": settings["seed"],
+                   "schedule": json.loads(schedule.to_json()),
                    "rows": [[_jsonable(r) for r in rows] for rows in tables]}, f, indent=1)
     return schedule
 
