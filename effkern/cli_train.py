@@ -411,7 +411,7 @@ def _search(args) -> int:
     patch_sizes = args.patch_sizes or default_search_patch_sizes(patch, cfg.base_size)
     for p in patch_sizes:  # before the reference run: a size that does not tile the views changes nothing
         check_patch_size(p, cfg.base_size, f"--patch-sizes: patch size {p}")
-    total_steps = int(probe.budget // probe.step_cost(probe.schedule.at(0.0)))
+    total_steps = probe.total_steps  # the trainer's own count (budget // cost can be one short in floats)
     done = trained = reused = 0
     for q in sorted(points):
         if q in given:

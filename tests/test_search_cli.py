@@ -40,7 +40,7 @@ def test_a_rerun_search_reuses_the_reference_pieces_an_interrupted_one_finished(
     common = ["--data", "digits", "--base-size", "16", "--limit-train", "256", "--limit-test", "64",
               "--batch-size", "32", "--model-arg", "depth=1", "--model-arg", "patch_size=4",
               "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2", "--method-arg", "mlp_dim=32",
-              "--method-arg", "out_dim=16", "--checkpoints", "0,0.5,0.55,1", "--keeps", "1", "0.5",
+              "--method-arg", "out_dim=16", "--epochs-equivalent", "1.5", "--checkpoints", "0,0.5,0.52,1", "--keeps", "1", "0.5",
               "--n-batches", "1", "--repeats", "2", "--out", str(out)]
 
     def search(*extra):
@@ -60,7 +60,9 @@ def test_a_rerun_search_reuses_the_reference_pieces_an_interrupted_one_finished(
         assert (out / f"n{n}" / "heatmap_0.png").exists() and (out / f"n{n}" / "schedule.json").exists()
     step_half, _ = weights(0.5)
     step_end, end = weights(1)
-    assert weights(0.55)[0] == step_half == step_end // 2  # 8 steps: 0.55 rounds to 0.5's step, a copy of it
+    # the last point is the run's last step (12: 1.5 epochs of 8 batches; budget // step cost is 11.999..);
+    # 0.52 rounds to 0.5's step, a copy of it
+    assert step_end == 12 and weights(0.52)[0] == step_half == 6
     (out / "reference" / "checkpoint_p1.pt").unlink()  # killed in the second piece
     stdout = search()
     assert f"steps 1-{step_half} from the checkpoints an earlier search left" in stdout
