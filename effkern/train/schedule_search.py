@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import math
+import numbers
 import os
 from typing import Any, Callable, Sequence
 
@@ -99,7 +100,7 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
     """
     if not checkpoints or not candidates:
         raise ValueError("need at least one checkpoint and one candidate")
-    several = not isinstance(n, (int, float))
+    several = not isinstance(n, numbers.Real)  # a number (numpy's too) or a sequence of them
     ns = [float(v) for v in n] if several else [float(n)]
     if not ns or any(not v > 0 for v in ns) or len(set(ns)) != len(ns):
         raise ValueError(f"n must be one or more distinct values > 0, got {n}")
