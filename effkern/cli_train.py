@@ -386,7 +386,7 @@ def _search(args) -> int:
 
     from effkern.schedules.presets import check_patch_size
     from effkern.schedules.search import candidate_grid
-    from effkern.train.schedule_search import n_dir, search
+    from effkern.train.schedule_search import check_ns, n_dir, search
     from effkern.train.loop import Run, train
 
     args.schedule = "none"
@@ -401,8 +401,7 @@ def _search(args) -> int:
             given[float(prog)] = path
     if any(not 0.0 <= q <= 1.0 for q in points):
         raise ValueError(f"--checkpoints progress points must be in [0, 1], got {points}")
-    if any(not v > 0 for v in args.n) or len(set(args.n)) != len(args.n):  # before the reference run
-        raise ValueError(f"--n must be distinct values > 0, got {' '.join(f'{v:g}' for v in args.n)}")
+    check_ns(args.n, "--n")  # before the reference run
     checkpoints = []
     ref_dir = os.path.join(out, "reference")
     ref = dataclasses.replace(cfg, out_dir=ref_dir, eval_every=0)

@@ -27,7 +27,7 @@ from effkern.schedules.stage import Schedule, Stage
 from effkern.train import checkpoint as ckpt
 from effkern.train.data import make_loader
 
-__all__ = ["search", "n_dir", "make_grad_fn", "param_groups"]
+__all__ = ["search", "check_ns", "n_dir", "make_grad_fn", "param_groups"]
 
 
 def param_groups(named_params: Sequence[tuple[str, Tensor]]) -> dict[str, slice]:
@@ -101,9 +101,7 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
     if not checkpoints or not candidates:
         raise ValueError("need at least one checkpoint and one candidate")
     several = not isinstance(n, numbers.Real)  # a number (numpy's too) or a sequence of them
-    ns = [float(v) for v in n] if several else [float(n)]
-    if not ns or any(not v > 0 for v in ns) or len(set(ns)) != len(ns):
-        raise ValueError(f"n must be one or more distinct values > 0, got {n}")
+    ns = check_ns(n if several else [n])
     ref_stage = ref_stage if ref_stage is not None else Stage(name="ref")
     checkpoints = sorted(((float(p), c) for p, c in checkpoints), key=lambda t: t[0])
     os.makedirs(out_dir, exist_ok=True)
@@ -134,6 +132,14 @@ def search(run_factory: Callable[[], Any], checkpoints: Sequence[tuple[float, st
         schedules[v] = _choose(tables if v == ns[0] else [rescore(rows, v) for rows in tables], checkpoints,
                                run.model_cfg.patch_size, name, where, plots, {**settings, "n": v})
     return schedules if several else schedules[ns[0]]
+
+
+def check_ns(ns: Sequence[float], what: str = "n") -> list[float]:
+    """``ns`` as floats; ValueError naming ``what`` unless they are one or more distinct values > 0."""
+    values = [float(v) for v in ns]
+    if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"{what} must be one or more distinct values > 0, got {' '.join(f'{v:g}' for v in values)}")
+    return values
 
 
 def n_dir(out_dir: str, n: float) -> str:
