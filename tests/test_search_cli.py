@@ -40,8 +40,8 @@ def test_a_rerun_search_reuses_the_reference_pieces_an_interrupted_one_finished(
     common = ["--data", "digits", "--base-size", "16", "--limit-train", "256", "--limit-test", "64",
               "--batch-size", "32", "--model-arg", "depth=1", "--model-arg", "patch_size=4",
               "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2", "--method-arg", "mlp_dim=32",
-              "--method-arg", "out_dim=16", "--epochs-equivalent", "1.5", "--checkpoints", "0,0.5,0.52,1", "--keeps", "1", "0.5",
-              "--n-batches", "1", "--repeats", "2", "--out", str(out)]
+              "--method-arg", "out_dim=16", "--epochs-equivalent", "1.5", "--checkpoints", "0,0.5,0.52,1",
+              "--keeps", "1", "0.5", "--n-batches", "1", "--repeats", "2", "--out", str(out)]
 
     def search(*extra):
         res = subprocess.run([sys.executable, "-m", "effkern", "schedule", "search", "--method", "mocov3",
